@@ -1,1 +1,288 @@
-fn main(){}
+//! The `tessera` binary: `run` (a sidecar plus your app, like `dapr run`) and `host` (the
+//! sidecar alone, like `daprd`). Flags and environment variables follow Dapr's names.
+
+mod app;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use actor_host::{Host, HostConfig};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Tessera: a distributed application runtime with Dapr's APIs",
+    long_about = "Tessera: a distributed application runtime with Dapr's APIs.\n\n\
+        Start a sidecar next to your app with `tessera run --app-id myapp -- python app.py`; \
+        the app reaches it on http://localhost:3500 (DAPR_HTTP_PORT) exactly as it would reach Dapr."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a sidecar and, if a command follows `--`, your app with it (like `dapr run`).
+    ///
+    /// The app gets DAPR_HTTP_PORT, DAPR_GRPC_PORT, APP_ID and APP_PORT in its environment and
+    /// its output is prefixed with `== APP ==`. Ctrl-C stops both; when the app exits, the
+    /// sidecar stops too and `tessera run` exits with the app's code.
+    Run {
+        #[command(flatten)]
+        host: HostArgs,
+        /// The app command and its arguments, after `--`.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Start the sidecar alone (like `daprd`), for an app started some other way.
+    Host {
+        #[command(flatten)]
+        host: HostArgs,
+    },
+}
+
+#[derive(Args, Clone)]
+struct HostArgs {
+    /// The app's id: it names the app to other apps and prefixes its state keys.
+    #[arg(long, env = "APP_ID")]
+    app_id: String,
+    /// The port the app listens on; the sidecar reports healthy once the app accepts connections.
+    #[arg(long, env = "APP_PORT")]
+    app_port: Option<u16>,
+    /// The address the app listens on.
+    #[arg(long, env = "DAPR_APP_CHANNEL_ADDRESS", default_value = "127.0.0.1")]
+    app_channel_address: String,
+    /// Port of the Dapr HTTP API.
+    #[arg(long, env = "DAPR_HTTP_PORT", default_value_t = 3500)]
+    dapr_http_port: u16,
+    /// Port passed to the app as DAPR_GRPC_PORT. This build serves the HTTP API only; the gRPC
+    /// API arrives with the actor runtime.
+    #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
+    dapr_grpc_port: u16,
+    /// Addresses the API listens on, comma-separated.
+    #[arg(long, env = "DAPR_LISTEN_ADDRESSES", default_value = "127.0.0.1", value_delimiter = ',')]
+    dapr_listen_addresses: Vec<IpAddr>,
+    /// A directory of component YAML files; repeat for more. Without one, Tessera uses its
+    /// embedded default `statestore` (state.sled) under the data directory.
+    #[arg(long = "resources-path", visible_alias = "components-path", value_name = "DIR")]
+    resources_paths: Vec<PathBuf>,
+    /// A Dapr Configuration file (kind: Configuration). It is checked at start.
+    #[arg(long, env = "DAPR_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where embedded stores keep their data [default: ~/.tessera/data/<app-id>].
+    #[arg(long, env = "TESSERA_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log level: debug, info, warn or error (RUST_LOG overrides it).
+    #[arg(long, env = "DAPR_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Largest request body, as bytes or a quantity like 4Mi or 16M.
+    #[arg(long, default_value = "4Mi")]
+    max_body_size: String,
+}
+
+/// Parses `4Mi`, `16M`, `512Ki`, `1048576`.
+fn parse_quantity(s: &str) -> anyhow::Result<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().with_context(|| format!("invalid size {s:?}: expected a number like 4Mi"))?;
+    let mul: usize = match unit {
+        "" => 1,
+        "K" | "k" | "KB" => 1_000,
+        "Ki" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "Mi" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "Gi" => 1 << 30,
+        other => bail!("invalid size unit {other:?} in {s:?}: use Ki, Mi, Gi, K, M or G"),
+    };
+    n.checked_mul(mul).context("size too large")
+}
+
+fn check_config_file(path: &PathBuf) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --config {}", path.display()))?;
+    let kinds: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind:"))
+        .map(|k| k.trim().to_string())
+        .collect();
+    if !kinds.iter().any(|k| k == "Configuration") {
+        bail!("{}: not a Dapr Configuration (expected `kind: Configuration`)", path.display());
+    }
+    Ok(())
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) => tracing_subscriber::EnvFilter::new(f),
+        Err(_) => {
+            if !matches!(level, "debug" | "info" | "warn" | "error" | "trace") {
+                bail!("invalid --log-level {level:?}: use debug, info, warn or error");
+            }
+            tracing_subscriber::EnvFilter::new(format!("warn,actor_host={level},components={level},tessera={level}"))
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+fn host_config(args: &HostArgs, extended: BTreeMap<String, String>) -> anyhow::Result<HostConfig> {
+    let data_dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            home.join(".tessera").join("data").join(&args.app_id)
+        }
+    };
+    if let Some(c) = &args.config {
+        check_config_file(c)?;
+    }
+    let mut cfg = HostConfig::new(args.app_id.clone(), data_dir);
+    cfg.app_port = args.app_port;
+    cfg.app_channel_address = args.app_channel_address.clone();
+    cfg.resources_paths = args.resources_paths.clone();
+    cfg.namespace = std::env::var("NAMESPACE").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
+    cfg.max_body_bytes = parse_quantity(&args.max_body_size).context("--max-body-size")?;
+    cfg.api_token = std::env::var("DAPR_API_TOKEN").ok().filter(|t| !t.is_empty());
+    cfg.extended = extended;
+    Ok(cfg)
+}
+
+/// Binds the API listeners first, then loads components: a port clash is reported before any
+/// store is opened.
+async fn start_host(args: &HostArgs, extended: BTreeMap<String, String>) -> anyhow::Result<(Host, Vec<tokio::net::TcpListener>)> {
+    let started = Instant::now();
+    let mut listeners = Vec::new();
+    for ip in &args.dapr_listen_addresses {
+        let addr = SocketAddr::new(*ip, args.dapr_http_port);
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr}: is another sidecar using it? pick another --dapr-http-port")
+        })?;
+        listeners.push(l);
+    }
+    let host = Host::start(host_config(args, extended)?).await?;
+    tracing::info!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "sidecar ready");
+    Ok((host, listeners))
+}
+
+/// Serves every listener until the token is cancelled.
+async fn serve(host: Host, listeners: Vec<tokio::net::TcpListener>, stop: CancellationToken) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for l in listeners {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(actor_host::run(l, host.clone(), async move { stop.cancelled().await })));
+    }
+    for t in tasks {
+        t.await.context("server task")?.context("HTTP server")?;
+    }
+    Ok(())
+}
+
+async fn signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let args = match &cli.command {
+        Command::Run { host, .. } | Command::Host { host } => host.clone(),
+    };
+    if let Err(e) = init_logging(&args.log_level) {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    match real_main(cli).await {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Host { host: args } => {
+            let (host, listeners) = start_host(&args, BTreeMap::new()).await?;
+            let stop = host.shutdown_token();
+            let s = stop.clone();
+            tokio::spawn(async move {
+                signal().await;
+                tracing::info!("signal received, shutting down");
+                s.cancel();
+            });
+            serve(host, listeners, stop).await?;
+            tracing::info!("sidecar stopped");
+            Ok(0)
+        }
+        Command::Run { host: args, command } => {
+            let mut extended = BTreeMap::new();
+            extended.insert("cliPID".to_string(), std::process::id().to_string());
+            if !command.is_empty() {
+                extended.insert("appCommand".to_string(), command.join(" "));
+            }
+            let (host, listeners) = start_host(&args, extended).await?;
+            let stop = host.shutdown_token();
+            let server = tokio::spawn(serve(host.clone(), listeners, stop.clone()));
+            let code = if command.is_empty() {
+                tracing::info!("You're up and running! Sidecar on port {} (no app command given)", args.dapr_http_port);
+                tokio::select! {
+                    _ = signal() => tracing::info!("signal received, shutting down"),
+                    _ = stop.cancelled() => {}
+                }
+                0
+            } else {
+                app::run_app(&args, &command, &host, stop.clone()).await?
+            };
+            stop.cancel();
+            server.await.context("server task")??;
+            tracing::info!("sidecar stopped");
+            Ok(code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("4Mi").unwrap(), 4 << 20);
+        assert_eq!(parse_quantity("16M").unwrap(), 16_000_000);
+        assert_eq!(parse_quantity("1024").unwrap(), 1024);
+        assert!(parse_quantity("4Xi").is_err());
+        assert!(parse_quantity("Mi").is_err());
+    }
+
+    #[test]
+    fn flags_follow_dapr() {
+        let cli = Cli::try_parse_from([
+            "tessera", "run", "--app-id", "a", "--app-port", "8080", "--dapr-http-port", "3501",
+            "--components-path", "x", "--resources-path", "y", "--", "python", "app.py",
+        ])
+        .unwrap();
+        let Command::Run { host, command } = cli.command else { panic!() };
+        assert_eq!(host.resources_paths, [PathBuf::from("x"), PathBuf::from("y")]);
+        assert_eq!(host.dapr_http_port, 3501);
+        assert_eq!(command, ["python", "app.py"]);
+    }
+}
