@@ -71,7 +71,7 @@ impl HostConfig {
 /// Why the host did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("{0}")]
+    #[error(transparent)]
     Component(#[from] ComponentError),
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -211,7 +211,6 @@ async fn main() -> std::process::ExitCode {
     match real_main(cli).await {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(1)
         }

@@ -87,7 +87,14 @@ impl RedisStore {
         let info: ConnectionInfo = ConnectionAddr::Tcp(h.trim_start_matches('[').trim_end_matches(']').to_string(), p)
             .into_connection_info_with(redis);
         let client = redis::Client::open(info).map_err(|e| spec.failed(e))?;
-        let conn = tokio::time::timeout(std::time::Duration::from_secs(5), ConnectionManager::new(client))
+        // Probe once so a wrong address fails now with the real reason; the manager then
+        // reconnects on its own for the life of the store.
+        let probe = async {
+            let mut c = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut c).await?;
+            ConnectionManager::new(client).await
+        };
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(5), probe)
             .await
             .map_err(|_| spec.failed(format!("no answer from Redis at {host} within 5 s")))?
             .map_err(|e| spec.failed(format!("cannot connect to Redis at {host}: {e}")))?;
