@@ -43,3 +43,23 @@ impl IntoResponse for ApiError {
         (self.status, axum::Json(body)).into_response()
     }
 }
+
+/// `axum::extract::Path` with path errors (bad percent-encoding, non-UTF-8) answered as
+/// Dapr's `ERR_MALFORMED_REQUEST` instead of axum's plain-text rejection.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| ApiError::malformed(format!("invalid request path: {}", e.body_text())))
+    }
+}

@@ -4,14 +4,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{RawQuery, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::body;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiPath};
 use crate::Shared;
 
 /// `GET /v1.0/metadata`.
@@ -52,7 +52,7 @@ pub async fn metadata(State(shared): State<Arc<Shared>>) -> axum::Json<Value> {
 /// `PUT /v1.0/metadata/{key}`: the body (text) becomes `extended[key]`.
 pub async fn put_metadata(
     State(shared): State<Arc<Shared>>,
-    Path(key): Path<String>,
+    ApiPath(key): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {

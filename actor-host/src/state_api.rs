@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use components::resources::ComponentSpec;
@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::body;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiPath};
 use crate::Shared;
 
 /// How keys are namespaced in a store (Dapr's `keyPrefix` component option).
@@ -222,7 +222,7 @@ fn set_op(
 /// `POST|PUT /v1.0/state/{store}`.
 pub async fn save(
     State(shared): State<Arc<Shared>>,
-    Path(store): Path<String>,
+    ApiPath(store): ApiPath<String>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -247,7 +247,7 @@ pub async fn save(
 /// POST/PUT operations Dapr names with a fixed segment (`bulk`, `transaction`).
 pub async fn keyed(
     State(shared): State<Arc<Shared>>,
-    Path((store, key)): Path<(String, String)>,
+    ApiPath((store, key)): ApiPath<(String, String)>,
     method: Method,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
