@@ -15,7 +15,9 @@ fn too_large(limit: usize) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "ERR_BODY_READ",
-        format!("request body is larger than the {limit}-byte limit; raise it with --max-body-size"),
+        format!(
+            "request body is larger than the {limit}-byte limit; raise it with --max-body-size"
+        ),
     )
 }
 
@@ -31,8 +33,15 @@ pub async fn read(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<B
     let mut buf = BytesMut::with_capacity(declared.map_or(0, |n| n.min(limit as u64) as usize));
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ApiError::bad_request("ERR_BODY_READ", format!("failed to read the request body: {e}")))?;
-        let Ok(data) = frame.into_data() else { continue };
+        let frame = frame.map_err(|e| {
+            ApiError::bad_request(
+                "ERR_BODY_READ",
+                format!("failed to read the request body: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         seen = seen.saturating_add(data.len());
         if seen > limit {
             if seen > DRAIN_CAP {
@@ -50,5 +59,6 @@ pub async fn read(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<B
 
 /// Parses a JSON body with Dapr's error for bodies that do not parse.
 pub fn json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::malformed(format!("failed deserializing HTTP body: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::malformed(format!("failed deserializing HTTP body: {e}")))
 }

@@ -100,16 +100,22 @@ impl Host {
     /// `ignoreErrors: true` is skipped with a warning instead).
     pub async fn start(config: HostConfig) -> Result<Host, HostError> {
         if config.app_id.is_empty() || config.app_id.contains("||") {
-            return Err(HostError::Config("--app-id is required and may not contain '||'".into()));
+            return Err(HostError::Config(
+                "--app-id is required and may not contain '||'".into(),
+            ));
         }
         let specs = if config.resources_paths.is_empty() {
             tracing::info!("no --resources-path given: using the embedded default state store `statestore` (state.sled)");
             vec![resources::default_state_store()]
         } else {
-            let ctx = LoadContext { app_id: config.app_id.clone(), namespace: config.namespace.clone() };
+            let ctx = LoadContext {
+                app_id: config.app_id.clone(),
+                namespace: config.namespace.clone(),
+            };
             resources::load_dirs(&config.resources_paths, &ctx)?
         };
-        let actor_stores: Vec<&ComponentSpec> = specs.iter().filter(|s| s.is_actor_state_store()).collect();
+        let actor_stores: Vec<&ComponentSpec> =
+            specs.iter().filter(|s| s.is_actor_state_store()).collect();
         if actor_stores.len() > 1 {
             let names: Vec<&str> = actor_stores.iter().map(|s| s.name.as_str()).collect();
             return Err(HostError::Config(format!(
@@ -130,9 +136,18 @@ impl Host {
                 Ok((prefix, store)) => {
                     tracing::info!(component = spec.name, kind = spec.kind, "component loaded");
                     order.push(spec.name.clone());
-                    stores.insert(spec.name.clone(), StoreEntry { spec, store, prefix });
+                    stores.insert(
+                        spec.name.clone(),
+                        StoreEntry {
+                            spec,
+                            store,
+                            prefix,
+                        },
+                    );
                 }
-                Err(e) if spec.ignore_errors => tracing::warn!(error = %e, "component skipped (ignoreErrors: true)"),
+                Err(e) if spec.ignore_errors => {
+                    tracing::warn!(error = %e, "component skipped (ignoreErrors: true)")
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -153,7 +168,10 @@ impl Host {
     /// The HTTP API.
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/v1.0/state/{store}", post(state_api::save).put(state_api::save))
+            .route(
+                "/v1.0/state/{store}",
+                post(state_api::save).put(state_api::save),
+            )
             .route("/v1.0/state/{store}/{key}", any(state_api::keyed))
             .route("/v1.0/metadata", get(meta_api::metadata))
             .route("/v1.0/metadata/{key}", put(meta_api::put_metadata))
@@ -162,7 +180,10 @@ impl Host {
             .route("/v1.0/shutdown", post(meta_api::shutdown))
             .fallback(meta_api::not_found)
             .method_not_allowed_fallback(meta_api::method_not_allowed)
-            .layer(axum::middleware::from_fn_with_state(self.shared.clone(), meta_api::api_token))
+            .layer(axum::middleware::from_fn_with_state(
+                self.shared.clone(),
+                meta_api::api_token,
+            ))
             .with_state(self.shared.clone())
     }
 
@@ -177,7 +198,9 @@ impl Host {
 
     /// Marks the app channel ready once the app accepts TCP connections on its port.
     fn spawn_app_probe(&self) {
-        let Some(port) = self.shared.config.app_port else { return };
+        let Some(port) = self.shared.config.app_port else {
+            return;
+        };
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let addr = format!("{}:{port}", shared.config.app_channel_address);
@@ -205,7 +228,11 @@ impl Host {
 
 /// Serves the HTTP API on `listener` until `shutdown` resolves or `POST /v1.0/shutdown`,
 /// then finishes in-flight requests and returns.
-pub async fn run(listener: TcpListener, host: Host, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    host: Host,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     host.spawn_app_probe();
     let token = host.shutdown_token();
     let stop = token.clone();

@@ -30,7 +30,10 @@ pub async fn metadata(State(shared): State<Arc<Shared>>) -> axum::Json<Value> {
         .collect();
     let cfg = &shared.config;
     let mut extended = shared.extended.read().expect("lock").clone();
-    extended.insert("daprRuntimeVersion".into(), env!("CARGO_PKG_VERSION").into());
+    extended.insert(
+        "daprRuntimeVersion".into(),
+        env!("CARGO_PKG_VERSION").into(),
+    );
     let mut app = json!({ "protocol": "http", "channelAddress": cfg.app_channel_address, "maxConcurrency": 0 });
     if let Some(p) = cfg.app_port {
         app["port"] = json!(p);
@@ -57,20 +60,31 @@ pub async fn put_metadata(
     body: Body,
 ) -> Result<StatusCode, ApiError> {
     let bytes = body::read(&headers, body, shared.config.max_body_bytes).await?;
-    let value = String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::malformed("metadata value must be UTF-8 text"))?;
+    let value = String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::malformed("metadata value must be UTF-8 text"))?;
     shared.extended.write().expect("lock").insert(key, value);
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /v1.0/healthz`: 204 once components are loaded and the app channel is up.
-pub async fn healthz(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Result<StatusCode, ApiError> {
-    let appid = q.as_deref().unwrap_or("").split('&').find_map(|p| p.strip_prefix("appid="));
+pub async fn healthz(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(q): RawQuery,
+) -> Result<StatusCode, ApiError> {
+    let appid = q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|p| p.strip_prefix("appid="));
     if let Some(id) = appid {
         if id != shared.config.app_id {
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "ERR_HEALTH_APPID_NOT_MATCH",
-                format!("app id {id} does not match this sidecar's {}", shared.config.app_id),
+                format!(
+                    "app id {id} does not match this sidecar's {}",
+                    shared.config.app_id
+                ),
             ));
         }
     }
@@ -114,7 +128,11 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 
 /// With `DAPR_API_TOKEN` set, every route but the two health checks needs `dapr-api-token`.
 /// Dapr answers 401 with a plain-text body here, and so do we.
-pub async fn api_token(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
+pub async fn api_token(
+    State(shared): State<Arc<Shared>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     if let Some(token) = &shared.config.api_token {
         let exempt = req.method() == Method::GET
             && matches!(req.uri().path(), "/v1.0/healthz" | "/v1.0/healthz/outbound");

@@ -55,15 +55,22 @@ impl StoreEntry {
     /// The key as stored: `<prefix>||<key>`, or the key itself with `keyPrefix: none`.
     pub fn store_key(&self, shared: &Shared, key: &str) -> Result<String, ApiError> {
         if key.is_empty() {
-            return Err(ApiError::malformed("a state key is required and may not be empty"));
+            return Err(ApiError::malformed(
+                "a state key is required and may not be empty",
+            ));
         }
         if key.contains("||") {
-            return Err(ApiError::malformed(format!("input key/keyPrefix '{key}' can't contain '||'")));
+            return Err(ApiError::malformed(format!(
+                "input key/keyPrefix '{key}' can't contain '||'"
+            )));
         }
         Ok(match &self.prefix {
             KeyPrefix::AppId => format!("{}||{key}", shared.config.app_id),
             KeyPrefix::Name => format!("{}||{key}", self.spec.name),
-            KeyPrefix::Namespace => format!("{}.{}||{key}", shared.config.namespace, shared.config.app_id),
+            KeyPrefix::Namespace => format!(
+                "{}.{}||{key}",
+                shared.config.namespace, shared.config.app_id
+            ),
             KeyPrefix::None => key.to_string(),
             KeyPrefix::Custom(p) => format!("{p}||{key}"),
         })
@@ -79,7 +86,10 @@ fn lookup<'a>(shared: &'a Shared, name: &str) -> Result<&'a StoreEntry, ApiError
         ));
     }
     shared.stores.get(name).ok_or_else(|| {
-        ApiError::bad_request("ERR_STATE_STORE_NOT_FOUND", format!("state store {name} is not found"))
+        ApiError::bad_request(
+            "ERR_STATE_STORE_NOT_FOUND",
+            format!("state store {name} is not found"),
+        )
     })
 }
 
@@ -157,7 +167,9 @@ fn concurrency(v: Option<&str>) -> Result<Concurrency, ApiError> {
 fn consistency(v: Option<&str>) -> Result<(), ApiError> {
     match v.unwrap_or("") {
         "" | "strong" | "eventual" => Ok(()),
-        other => Err(ApiError::malformed(format!("invalid consistency {other:?}: use \"strong\" or \"eventual\""))),
+        other => Err(ApiError::malformed(format!(
+            "invalid consistency {other:?}: use \"strong\" or \"eventual\""
+        ))),
     }
 }
 
@@ -179,7 +191,9 @@ fn meta_string(v: Value) -> String {
 
 /// `ttlInSeconds`: a whole number of seconds, or -1 for no expiry.
 fn ttl(meta: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
-    let Some(raw) = meta.get("ttlInSeconds") else { return Ok(None) };
+    let Some(raw) = meta.get("ttlInSeconds") else {
+        return Ok(None);
+    };
     match raw.trim().parse::<i64>() {
         Ok(-1) => Ok(None),
         Ok(n) if n > 0 => Ok(Some(Duration::from_secs(n as u64))),
@@ -203,7 +217,9 @@ fn set_op(
     item: Item,
     query_meta: &HashMap<String, String>,
 ) -> Result<SetOp, ApiError> {
-    let key = item.key.ok_or_else(|| ApiError::malformed("\"key\" is a required field"))?;
+    let key = item
+        .key
+        .ok_or_else(|| ApiError::malformed("\"key\" is a required field"))?;
     let mut meta = query_meta.clone();
     for (k, v) in item.metadata.unwrap_or_default() {
         meta.insert(k, meta_string(v));
@@ -235,11 +251,13 @@ pub async fn save(
         .into_iter()
         .map(|item| set_op(&shared, entry, item, &query_meta).map(Op::Set))
         .collect::<Result<Vec<_>, _>>()?;
-    entry
-        .store
-        .transact(ops)
-        .await
-        .map_err(|e| ApiError::state("ERR_STATE_SAVE", &format!("failed saving state in state store {store}"), e))?;
+    entry.store.transact(ops).await.map_err(|e| {
+        ApiError::state(
+            "ERR_STATE_SAVE",
+            &format!("failed saving state in state store {store}"),
+            e,
+        )
+    })?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -278,20 +296,37 @@ struct GetQuery {
     consistency: Option<String>,
 }
 
-async fn get(shared: &Shared, entry: &StoreEntry, store: &str, key: &str, q: &Option<String>) -> Result<Response, ApiError> {
-    let query: Query<GetQuery> = Query::try_from_uri(&format!("/?{}", q.as_deref().unwrap_or("")).parse().expect("valid uri"))
-        .map_err(|e| ApiError::malformed(format!("invalid query: {e}")))?;
+async fn get(
+    shared: &Shared,
+    entry: &StoreEntry,
+    store: &str,
+    key: &str,
+    q: &Option<String>,
+) -> Result<Response, ApiError> {
+    let query: Query<GetQuery> = Query::try_from_uri(
+        &format!("/?{}", q.as_deref().unwrap_or(""))
+            .parse()
+            .expect("valid uri"),
+    )
+    .map_err(|e| ApiError::malformed(format!("invalid query: {e}")))?;
     consistency(query.consistency.as_deref())?;
     let k = entry.store_key(shared, key)?;
-    let item = entry
-        .store
-        .get(&k)
-        .await
-        .map_err(|e| ApiError::state("ERR_STATE_GET", &format!("fail to get {key} from state store {store}"), e))?;
-    let Some(item) = item else { return Ok(StatusCode::NO_CONTENT.into_response()) };
+    let item = entry.store.get(&k).await.map_err(|e| {
+        ApiError::state(
+            "ERR_STATE_GET",
+            &format!("fail to get {key} from state store {store}"),
+            e,
+        )
+    })?;
+    let Some(item) = item else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
     let mut resp = (StatusCode::OK, item.value).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Ok(v) = HeaderValue::from_str(&item.etag) {
         h.insert(header::ETAG, v);
     }
@@ -304,7 +339,8 @@ async fn get(shared: &Shared, entry: &StoreEntry, store: &str, key: &str, q: &Op
 }
 
 fn rfc3339(ms: i64) -> Option<String> {
-    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
 #[derive(Deserialize)]
@@ -321,20 +357,38 @@ async fn delete(
     q: &Option<String>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let query: Query<DeleteQuery> = Query::try_from_uri(&format!("/?{}", q.as_deref().unwrap_or("")).parse().expect("valid uri"))
-        .map_err(|e| ApiError::malformed(format!("invalid query: {e}")))?;
+    let query: Query<DeleteQuery> = Query::try_from_uri(
+        &format!("/?{}", q.as_deref().unwrap_or(""))
+            .parse()
+            .expect("valid uri"),
+    )
+    .map_err(|e| ApiError::malformed(format!("invalid query: {e}")))?;
     concurrency(query.concurrency.as_deref())?;
     consistency(query.consistency.as_deref())?;
     let etag = match headers.get(header::IF_MATCH) {
         None => None,
-        Some(v) => Some(v.to_str().map_err(|_| ApiError::malformed("If-Match must be text"))?.trim_matches('"').to_string()),
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::malformed("If-Match must be text"))?
+                .trim_matches('"')
+                .to_string(),
+        ),
     };
-    let op = DeleteOp { key: entry.store_key(shared, key)?, etag };
+    let op = DeleteOp {
+        key: entry.store_key(shared, key)?,
+        etag,
+    };
     entry
         .store
         .transact(vec![Op::Delete(op)])
         .await
-        .map_err(|e| ApiError::state("ERR_STATE_DELETE", &format!("failed deleting state with key {key} from state store {store}"), e))?;
+        .map_err(|e| {
+            ApiError::state(
+                "ERR_STATE_DELETE",
+                &format!("failed deleting state with key {key} from state store {store}"),
+                e,
+            )
+        })?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -361,26 +415,41 @@ struct BulkRequest {
     metadata: Option<HashMap<String, Value>>,
 }
 
-async fn bulk_get(shared: &Shared, entry: &StoreEntry, store: &str, bytes: &[u8]) -> Result<Response, ApiError> {
+async fn bulk_get(
+    shared: &Shared,
+    entry: &StoreEntry,
+    store: &str,
+    bytes: &[u8],
+) -> Result<Response, ApiError> {
     let req: BulkRequest = body::json(bytes)?;
-    let keys = req.keys.iter().map(|k| entry.store_key(shared, k)).collect::<Result<Vec<_>, _>>()?;
-    let items = entry
-        .store
-        .bulk_get(&keys)
-        .await
-        .map_err(|e| ApiError::state("ERR_STATE_BULK_GET", &format!("failed getting bulk state from state store {store}"), e))?;
+    let keys = req
+        .keys
+        .iter()
+        .map(|k| entry.store_key(shared, k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let items = entry.store.bulk_get(&keys).await.map_err(|e| {
+        ApiError::state(
+            "ERR_STATE_BULK_GET",
+            &format!("failed getting bulk state from state store {store}"),
+            e,
+        )
+    })?;
     let out: Vec<BulkItem> = req
         .keys
         .into_iter()
         .zip(items)
         .map(|(key, item)| match item {
-            None => BulkItem { key, data: None, etag: None, metadata: None },
+            None => BulkItem {
+                key,
+                data: None,
+                etag: None,
+                metadata: None,
+            },
             Some(item) => BulkItem {
                 key,
-                data: Some(
-                    serde_json::from_slice(&item.value)
-                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&item.value).into_owned())),
-                ),
+                data: Some(serde_json::from_slice(&item.value).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&item.value).into_owned())
+                })),
                 metadata: item
                     .expires_at_ms
                     .and_then(rfc3339)
@@ -406,7 +475,13 @@ struct TxOperation {
     request: Item,
 }
 
-async fn transaction(shared: &Shared, entry: &StoreEntry, store: &str, bytes: &[u8], q: &Option<String>) -> Result<Response, ApiError> {
+async fn transaction(
+    shared: &Shared,
+    entry: &StoreEntry,
+    store: &str,
+    bytes: &[u8],
+    q: &Option<String>,
+) -> Result<Response, ApiError> {
     let req: TxRequest = body::json(bytes)?;
     let mut meta = query_metadata(q);
     for (k, v) in req.metadata.unwrap_or_default() {
@@ -417,8 +492,14 @@ async fn transaction(shared: &Shared, entry: &StoreEntry, store: &str, bytes: &[
         match op.operation.as_str() {
             "upsert" => ops.push(Op::Set(set_op(shared, entry, op.request, &meta)?)),
             "delete" => {
-                let key = op.request.key.ok_or_else(|| ApiError::malformed("\"key\" is a required field"))?;
-                ops.push(Op::Delete(DeleteOp { key: entry.store_key(shared, &key)?, etag: etag_string(op.request.etag)? }));
+                let key = op
+                    .request
+                    .key
+                    .ok_or_else(|| ApiError::malformed("\"key\" is a required field"))?;
+                ops.push(Op::Delete(DeleteOp {
+                    key: entry.store_key(shared, &key)?,
+                    etag: etag_string(op.request.etag)?,
+                }));
             }
             other => {
                 return Err(ApiError::bad_request(
@@ -428,11 +509,13 @@ async fn transaction(shared: &Shared, entry: &StoreEntry, store: &str, bytes: &[
             }
         }
     }
-    entry
-        .store
-        .transact(ops)
-        .await
-        .map_err(|e| ApiError::state("ERR_STATE_TRANSACTION", &format!("error while executing state transaction on state store {store}"), e))?;
+    entry.store.transact(ops).await.map_err(|e| {
+        ApiError::state(
+            "ERR_STATE_TRANSACTION",
+            &format!("error while executing state transaction on state store {store}"),
+            e,
+        )
+    })?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -442,7 +525,9 @@ mod tests {
 
     #[test]
     fn query_metadata_strips_the_prefix_and_decodes() {
-        let m = query_metadata(&Some("metadata.ttlInSeconds=60&x=1&metadata.a%20b=c%2Fd".into()));
+        let m = query_metadata(&Some(
+            "metadata.ttlInSeconds=60&x=1&metadata.a%20b=c%2Fd".into(),
+        ));
         assert_eq!(m.get("ttlInSeconds").map(String::as_str), Some("60"));
         assert_eq!(m.get("a b").map(String::as_str), Some("c/d"));
         assert_eq!(m.len(), 2);

@@ -89,17 +89,33 @@ struct Fixture {
 }
 
 fn fixture() -> Arc<Fixture> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let host = rt.block_on(Host::start(HostConfig::new("fuzz", dir.path()))).unwrap();
-    Arc::new(Fixture { rt, host, _dir: dir })
+    let host = rt
+        .block_on(Host::start(HostConfig::new("fuzz", dir.path())))
+        .unwrap();
+    Arc::new(Fixture {
+        rt,
+        host,
+        _dir: dir,
+    })
 }
 
 fn send(f: &Fixture, req: Request<Body>) -> (u16, Vec<u8>) {
     f.rt.block_on(async {
         let resp = f.host.router().oneshot(req).await.unwrap();
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
         (status, body)
     })
 }

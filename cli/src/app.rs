@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use actor_host::Host;
 use anyhow::Context;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::HostArgs;
@@ -41,7 +41,12 @@ fn signal_group(child: &Child, sig: Signal) {
 }
 
 /// Starts the app, waits for it or for a stop, and returns the exit code for `tessera run`.
-pub async fn run_app(args: &HostArgs, command: &[String], host: &Host, stop: CancellationToken) -> anyhow::Result<u8> {
+pub async fn run_app(
+    args: &HostArgs,
+    command: &[String],
+    host: &Host,
+    stop: CancellationToken,
+) -> anyhow::Result<u8> {
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..])
         .env("APP_ID", &args.app_id)
@@ -55,15 +60,17 @@ pub async fn run_app(args: &HostArgs, command: &[String], host: &Host, stop: Can
     if let Some(p) = args.app_port {
         cmd.env("APP_PORT", p.to_string());
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start the app command {:?}: is it installed and on PATH?", command[0]))?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "cannot start the app command {:?}: is it installed and on PATH?",
+            command[0]
+        )
+    })?;
     tracing::info!(pid = child.id(), "app started: {}", command.join(" "));
-    host.shared()
-        .extended
-        .write()
-        .expect("lock")
-        .insert("appPID".into(), child.id().map(|p| p.to_string()).unwrap_or_default());
+    host.shared().extended.write().expect("lock").insert(
+        "appPID".into(),
+        child.id().map(|p| p.to_string()).unwrap_or_default(),
+    );
     forward(child.stdout.take().expect("piped"), false);
     forward(child.stderr.take().expect("piped"), true);
 

@@ -67,11 +67,20 @@ struct HostArgs {
     #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
     dapr_grpc_port: u16,
     /// Addresses the API listens on, comma-separated.
-    #[arg(long, env = "DAPR_LISTEN_ADDRESSES", default_value = "127.0.0.1", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "DAPR_LISTEN_ADDRESSES",
+        default_value = "127.0.0.1",
+        value_delimiter = ','
+    )]
     dapr_listen_addresses: Vec<IpAddr>,
     /// A directory of component YAML files; repeat for more. Without one, Tessera uses its
     /// embedded default `statestore` (state.sled) under the data directory.
-    #[arg(long = "resources-path", visible_alias = "components-path", value_name = "DIR")]
+    #[arg(
+        long = "resources-path",
+        visible_alias = "components-path",
+        value_name = "DIR"
+    )]
     resources_paths: Vec<PathBuf>,
     /// A Dapr Configuration file (kind: Configuration). It is checked at start.
     #[arg(long, env = "DAPR_CONFIG", value_name = "FILE")]
@@ -92,7 +101,9 @@ fn parse_quantity(s: &str) -> anyhow::Result<usize> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: usize = num.parse().with_context(|| format!("invalid size {s:?}: expected a number like 4Mi"))?;
+    let n: usize = num
+        .parse()
+        .with_context(|| format!("invalid size {s:?}: expected a number like 4Mi"))?;
     let mul: usize = match unit {
         "" => 1,
         "K" | "k" | "KB" => 1_000,
@@ -107,14 +118,18 @@ fn parse_quantity(s: &str) -> anyhow::Result<usize> {
 }
 
 fn check_config_file(path: &PathBuf) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --config {}", path.display()))?;
     let kinds: Vec<String> = text
         .lines()
         .filter_map(|l| l.strip_prefix("kind:"))
         .map(|k| k.trim().to_string())
         .collect();
     if !kinds.iter().any(|k| k == "Configuration") {
-        bail!("{}: not a Dapr Configuration (expected `kind: Configuration`)", path.display());
+        bail!(
+            "{}: not a Dapr Configuration (expected `kind: Configuration`)",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -126,7 +141,9 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
             if !matches!(level, "debug" | "info" | "warn" | "error" | "trace") {
                 bail!("invalid --log-level {level:?}: use debug, info, warn or error");
             }
-            tracing_subscriber::EnvFilter::new(format!("warn,actor_host={level},components={level},tessera={level}"))
+            tracing_subscriber::EnvFilter::new(format!(
+                "warn,actor_host={level},components={level},tessera={level}"
+            ))
         }
     };
     tracing_subscriber::fmt()
@@ -141,7 +158,9 @@ fn host_config(args: &HostArgs, extended: BTreeMap<String, String>) -> anyhow::R
     let data_dir = match &args.data_dir {
         Some(d) => d.clone(),
         None => {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
             home.join(".tessera").join("data").join(&args.app_id)
         }
     };
@@ -152,16 +171,24 @@ fn host_config(args: &HostArgs, extended: BTreeMap<String, String>) -> anyhow::R
     cfg.app_port = args.app_port;
     cfg.app_channel_address = args.app_channel_address.clone();
     cfg.resources_paths = args.resources_paths.clone();
-    cfg.namespace = std::env::var("NAMESPACE").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
+    cfg.namespace = std::env::var("NAMESPACE")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into());
     cfg.max_body_bytes = parse_quantity(&args.max_body_size).context("--max-body-size")?;
-    cfg.api_token = std::env::var("DAPR_API_TOKEN").ok().filter(|t| !t.is_empty());
+    cfg.api_token = std::env::var("DAPR_API_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
     cfg.extended = extended;
     Ok(cfg)
 }
 
 /// Binds the API listeners first, then loads components: a port clash is reported before any
 /// store is opened.
-async fn start_host(args: &HostArgs, extended: BTreeMap<String, String>) -> anyhow::Result<(Host, Vec<tokio::net::TcpListener>)> {
+async fn start_host(
+    args: &HostArgs,
+    extended: BTreeMap<String, String>,
+) -> anyhow::Result<(Host, Vec<tokio::net::TcpListener>)> {
     let started = Instant::now();
     let mut listeners = Vec::new();
     for ip in &args.dapr_listen_addresses {
@@ -172,16 +199,25 @@ async fn start_host(args: &HostArgs, extended: BTreeMap<String, String>) -> anyh
         listeners.push(l);
     }
     let host = Host::start(host_config(args, extended)?).await?;
-    tracing::info!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "sidecar ready");
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        "sidecar ready"
+    );
     Ok((host, listeners))
 }
 
 /// Serves every listener until the token is cancelled.
-async fn serve(host: Host, listeners: Vec<tokio::net::TcpListener>, stop: CancellationToken) -> anyhow::Result<()> {
+async fn serve(
+    host: Host,
+    listeners: Vec<tokio::net::TcpListener>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for l in listeners {
         let stop = stop.clone();
-        tasks.push(tokio::spawn(actor_host::run(l, host.clone(), async move { stop.cancelled().await })));
+        tasks.push(tokio::spawn(actor_host::run(l, host.clone(), async move {
+            stop.cancelled().await
+        })));
     }
     for t in tasks {
         t.await.context("server task")?.context("HTTP server")?;
@@ -232,7 +268,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             tracing::info!("sidecar stopped");
             Ok(0)
         }
-        Command::Run { host: args, command } => {
+        Command::Run {
+            host: args,
+            command,
+        } => {
             let mut extended = BTreeMap::new();
             extended.insert("cliPID".to_string(), std::process::id().to_string());
             if !command.is_empty() {
@@ -242,7 +281,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<u8> {
             let stop = host.shutdown_token();
             let server = tokio::spawn(serve(host.clone(), listeners, stop.clone()));
             let code = if command.is_empty() {
-                tracing::info!("You're up and running! Sidecar on port {} (no app command given)", args.dapr_http_port);
+                tracing::info!(
+                    "You're up and running! Sidecar on port {} (no app command given)",
+                    args.dapr_http_port
+                );
                 tokio::select! {
                     _ = signal() => tracing::info!("signal received, shutting down"),
                     _ = stop.cancelled() => {}
@@ -275,12 +317,30 @@ mod tests {
     #[test]
     fn flags_follow_dapr() {
         let cli = Cli::try_parse_from([
-            "tessera", "run", "--app-id", "a", "--app-port", "8080", "--dapr-http-port", "3501",
-            "--components-path", "x", "--resources-path", "y", "--", "python", "app.py",
+            "tessera",
+            "run",
+            "--app-id",
+            "a",
+            "--app-port",
+            "8080",
+            "--dapr-http-port",
+            "3501",
+            "--components-path",
+            "x",
+            "--resources-path",
+            "y",
+            "--",
+            "python",
+            "app.py",
         ])
         .unwrap();
-        let Command::Run { host, command } = cli.command else { panic!() };
-        assert_eq!(host.resources_paths, [PathBuf::from("x"), PathBuf::from("y")]);
+        let Command::Run { host, command } = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            host.resources_paths,
+            [PathBuf::from("x"), PathBuf::from("y")]
+        );
         assert_eq!(host.dapr_http_port, 3501);
         assert_eq!(command, ["python", "app.py"]);
     }

@@ -62,7 +62,12 @@ impl std::error::Error for ComponentError {}
 
 impl ComponentSpec {
     fn error(&self, field: Option<String>, message: String) -> ComponentError {
-        ComponentError { file: self.file.clone(), component: Some(self.name.clone()), field, message }
+        ComponentError {
+            file: self.file.clone(),
+            component: Some(self.name.clone()),
+            field,
+            message,
+        }
     }
 
     /// A metadata value that must be present and non-empty.
@@ -92,7 +97,8 @@ impl ComponentSpec {
 
     /// `actorStateStore: "true"`.
     pub fn is_actor_state_store(&self) -> bool {
-        self.optional("actorStateStore").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        self.optional("actorStateStore")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
     }
 
     /// The block this component belongs to (`state`, `pubsub`, ...).
@@ -144,16 +150,30 @@ struct RawItem {
 }
 
 /// Loads every `*.yaml` / `*.yml` file of every directory, in name order.
-pub fn load_dirs(dirs: &[PathBuf], ctx: &LoadContext) -> Result<Vec<ComponentSpec>, ComponentError> {
+pub fn load_dirs(
+    dirs: &[PathBuf],
+    ctx: &LoadContext,
+) -> Result<Vec<ComponentSpec>, ComponentError> {
     let mut out = Vec::new();
     let mut names = HashSet::new();
     for dir in dirs {
-        let err = |m: String| ComponentError { file: Some(dir.clone()), component: None, field: None, message: m };
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| err(format!("cannot read resources directory: {e} (check --resources-path)")))?;
+        let err = |m: String| ComponentError {
+            file: Some(dir.clone()),
+            component: None,
+            field: None,
+            message: m,
+        };
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            err(format!(
+                "cannot read resources directory: {e} (check --resources-path)"
+            ))
+        })?;
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .filter(|p| {
+                p.is_file()
+                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+            })
             .collect();
         files.sort();
         for file in files {
@@ -178,7 +198,11 @@ pub fn load_dirs(dirs: &[PathBuf], ctx: &LoadContext) -> Result<Vec<ComponentSpe
 }
 
 /// Parses one file (possibly several `---` documents) and keeps the components meant for this app.
-pub fn parse_file(file: &Path, text: &str, ctx: &LoadContext) -> Result<Vec<ComponentSpec>, ComponentError> {
+pub fn parse_file(
+    file: &Path,
+    text: &str,
+    ctx: &LoadContext,
+) -> Result<Vec<ComponentSpec>, ComponentError> {
     let mut out = Vec::new();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let at = |field: Option<&str>, component: Option<&str>, message: String| ComponentError {
@@ -187,22 +211,46 @@ pub fn parse_file(file: &Path, text: &str, ctx: &LoadContext) -> Result<Vec<Comp
             field: field.map(str::to_string),
             message,
         };
-        let value = Value::deserialize(doc)
-            .map_err(|e| at(None, None, format!("document {} is not valid YAML: {e}", i + 1)))?;
+        let value = Value::deserialize(doc).map_err(|e| {
+            at(
+                None,
+                None,
+                format!("document {} is not valid YAML: {e}", i + 1),
+            )
+        })?;
         if value.is_null() {
             continue;
         }
-        let raw: RawResource = serde_norway::from_value(value)
-            .map_err(|e| at(None, None, format!("document {} is not a resource: {e}", i + 1)))?;
-        let kind = raw.kind.ok_or_else(|| at(Some("kind"), None, "is required".into()))?;
+        let raw: RawResource = serde_norway::from_value(value).map_err(|e| {
+            at(
+                None,
+                None,
+                format!("document {} is not a resource: {e}", i + 1),
+            )
+        })?;
+        let kind = raw
+            .kind
+            .ok_or_else(|| at(Some("kind"), None, "is required".into()))?;
         if kind != "Component" {
             tracing::debug!(file = %file.display(), kind, "skipping resource that is not a Component");
             continue;
         }
-        let meta = raw.metadata.ok_or_else(|| at(Some("metadata"), None, "is required".into()))?;
-        let name = meta.name.filter(|n| !n.is_empty()).ok_or_else(|| at(Some("metadata.name"), None, "is required".into()))?;
-        if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
-            return Err(at(Some("metadata.name"), Some(&name), "may hold only letters, digits, '-', '_' and '.'".into()));
+        let meta = raw
+            .metadata
+            .ok_or_else(|| at(Some("metadata"), None, "is required".into()))?;
+        let name = meta
+            .name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| at(Some("metadata.name"), None, "is required".into()))?;
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(at(
+                Some("metadata.name"),
+                Some(&name),
+                "may hold only letters, digits, '-', '_' and '.'".into(),
+            ));
         }
         if let Some(ns) = meta.namespace.filter(|n| !n.is_empty()) {
             if ns != ctx.namespace {
@@ -215,8 +263,13 @@ pub fn parse_file(file: &Path, text: &str, ctx: &LoadContext) -> Result<Vec<Comp
             continue;
         }
         let c = Some(name.as_str());
-        let spec = raw.spec.ok_or_else(|| at(Some("spec"), c, "is required".into()))?;
-        let kind = spec.kind.filter(|k| !k.is_empty()).ok_or_else(|| at(Some("spec.type"), c, "is required".into()))?;
+        let spec = raw
+            .spec
+            .ok_or_else(|| at(Some("spec"), c, "is required".into()))?;
+        let kind = spec
+            .kind
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| at(Some("spec.type"), c, "is required".into()))?;
         let version = match spec.version {
             Some(Value::String(s)) if !s.is_empty() => s,
             Some(Value::Number(n)) => n.to_string(),
@@ -225,7 +278,10 @@ pub fn parse_file(file: &Path, text: &str, ctx: &LoadContext) -> Result<Vec<Comp
         let mut metadata = BTreeMap::new();
         for (j, item) in spec.metadata.into_iter().enumerate() {
             let field = format!("spec.metadata[{j}]");
-            let key = item.name.filter(|n| !n.is_empty()).ok_or_else(|| at(Some(&format!("{field}.name")), c, "is required".into()))?;
+            let key = item
+                .name
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| at(Some(&format!("{field}.name")), c, "is required".into()))?;
             if item.secret_key_ref.is_some() {
                 return Err(at(
                     Some(&format!("spec.metadata.{key}.secretKeyRef")),
@@ -238,7 +294,13 @@ pub fn parse_file(file: &Path, text: &str, ctx: &LoadContext) -> Result<Vec<Comp
                 Some(Value::String(s)) => s,
                 Some(Value::Bool(b)) => b.to_string(),
                 Some(Value::Number(n)) => n.to_string(),
-                Some(_) => return Err(at(Some(&format!("spec.metadata.{key}")), c, "value must be a string, number or bool".into())),
+                Some(_) => {
+                    return Err(at(
+                        Some(&format!("spec.metadata.{key}")),
+                        c,
+                        "value must be a string, number or bool".into(),
+                    ))
+                }
             };
             metadata.insert(key, expand(&value, ctx));
         }
@@ -270,11 +332,21 @@ fn check_known(spec: &ComponentSpec) -> Result<(), ComponentError> {
     if !STATE_TYPES.contains(&spec.kind.as_str()) {
         return Err(spec.error(
             Some("spec.type".into()),
-            format!("unknown component type {:?}; this build supports {}", spec.kind, STATE_TYPES.join(", ")),
+            format!(
+                "unknown component type {:?}; this build supports {}",
+                spec.kind,
+                STATE_TYPES.join(", ")
+            ),
         ));
     }
     if spec.version != "v1" && !(spec.kind == "state.postgresql" && spec.version == "v2") {
-        return Err(spec.error(Some("spec.version".into()), format!("unsupported version {:?} for {} (use v1)", spec.version, spec.kind)));
+        return Err(spec.error(
+            Some("spec.version".into()),
+            format!(
+                "unsupported version {:?} for {} (use v1)",
+                spec.version, spec.kind
+            ),
+        ));
     }
     Ok(())
 }
@@ -292,18 +364,28 @@ pub fn default_state_store() -> ComponentSpec {
 }
 
 /// Opens a state store. `data_dir` holds embedded stores that do not name a `path`.
-pub async fn open_state_store(spec: &ComponentSpec, data_dir: &Path) -> Result<Arc<dyn StateStore>, ComponentError> {
+pub async fn open_state_store(
+    spec: &ComponentSpec,
+    data_dir: &Path,
+) -> Result<Arc<dyn StateStore>, ComponentError> {
     match spec.kind.as_str() {
         "state.sled" => {
             let dir = match spec.optional("path").filter(|p| !p.is_empty()) {
                 Some(p) => PathBuf::from(p),
                 None => data_dir.join("state").join(&spec.name),
             };
-            Ok(Arc::new(state::sled::SledStore::open(&dir).map_err(|e| spec.failed(e))?))
+            Ok(Arc::new(
+                state::sled::SledStore::open(&dir).map_err(|e| spec.failed(e))?,
+            ))
         }
         "state.redis" => Ok(Arc::new(state::redis::RedisStore::connect(spec).await?)),
-        "state.postgresql" => Ok(Arc::new(state::postgres::PostgresStore::connect(spec).await?)),
-        other => Err(spec.error(Some("spec.type".into()), format!("unknown component type {other:?}"))),
+        "state.postgresql" => Ok(Arc::new(
+            state::postgres::PostgresStore::connect(spec).await?,
+        )),
+        other => Err(spec.error(
+            Some("spec.type".into()),
+            format!("unknown component type {other:?}"),
+        )),
     }
 }
 
@@ -312,7 +394,10 @@ mod tests {
     use super::*;
 
     fn ctx() -> LoadContext {
-        LoadContext { app_id: "app".into(), namespace: "default".into() }
+        LoadContext {
+            app_id: "app".into(),
+            namespace: "default".into(),
+        }
     }
 
     fn parse(text: &str) -> Result<Vec<ComponentSpec>, ComponentError> {
@@ -334,8 +419,14 @@ mod tests {
     fn errors_name_the_file_and_field() {
         let e = parse("kind: Component\nmetadata:\n  name: s\nspec:\n  version: v1\n").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("spec.type"));
-        assert_eq!(e.to_string(), "c.yaml: component \"s\": field `spec.type`: is required");
-        let e = parse("kind: Component\nmetadata:\n  name: s\nspec:\n  type: pubsub.kafka\n  version: v1\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "c.yaml: component \"s\": field `spec.type`: is required"
+        );
+        let e = parse(
+            "kind: Component\nmetadata:\n  name: s\nspec:\n  type: pubsub.kafka\n  version: v1\n",
+        )
+        .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("spec.type"));
         assert!(e.message.contains("unknown component type"), "{e}");
         let e = parse("kind: Component\nmetadata:\n  name: s\nspec: [\n").unwrap_err();

@@ -23,7 +23,10 @@ fn spec(kind: &str, meta: &[(&str, String)]) -> ComponentSpec {
         name: "conformance".into(),
         kind: kind.into(),
         version: "v1".into(),
-        metadata: meta.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<BTreeMap<_, _>>(),
+        metadata: meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
         ignore_errors: false,
         file: None,
     }
@@ -35,7 +38,11 @@ fn unique() -> String {
 
 fn rand_suffix() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 ^ (std::thread::current().id().as_u64_hash())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ (std::thread::current().id().as_u64_hash())
 }
 
 trait ThreadIdHash {
@@ -56,7 +63,11 @@ impl Backend {
         let dir = tempfile::tempdir().unwrap();
         let s = spec("state.sled", &[("path", dir.path().display().to_string())]);
         let store = open_state_store(&s, dir.path()).await.expect("open sled");
-        Backend { store, prefix: unique(), _dir: Some(dir) }
+        Backend {
+            store,
+            prefix: unique(),
+            _dir: Some(dir),
+        }
     }
 
     async fn redis() -> Self {
@@ -64,18 +75,36 @@ impl Backend {
         let s = spec("state.redis", &[("redisHost", host.clone())]);
         let store = open_state_store(&s, std::path::Path::new("/nonexistent"))
             .await
-            .unwrap_or_else(|e| panic!("Redis at {host} is required for this test (start it; see README): {e}"));
-        Backend { store, prefix: unique(), _dir: None }
+            .unwrap_or_else(|e| {
+                panic!("Redis at {host} is required for this test (start it; see README): {e}")
+            });
+        Backend {
+            store,
+            prefix: unique(),
+            _dir: None,
+        }
     }
 
     async fn postgres() -> Self {
         let conn = std::env::var("TESSERA_TEST_POSTGRES")
             .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
-        let s = spec("state.postgresql", &[("connectionString", conn.clone()), ("tableName", "tessera_conformance".into())]);
+        let s = spec(
+            "state.postgresql",
+            &[
+                ("connectionString", conn.clone()),
+                ("tableName", "tessera_conformance".into()),
+            ],
+        );
         let store = open_state_store(&s, std::path::Path::new("/nonexistent"))
             .await
-            .unwrap_or_else(|e| panic!("PostgreSQL ({conn}) is required for this test (start it; see README): {e}"));
-        Backend { store, prefix: unique(), _dir: None }
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL ({conn}) is required for this test (start it; see README): {e}")
+            });
+        Backend {
+            store,
+            prefix: unique(),
+            _dir: None,
+        }
     }
 }
 
@@ -104,11 +133,20 @@ async fn put(store: &dyn StateStore, s: SetOp) -> Result<(), StateError> {
 }
 
 async fn del(store: &dyn StateStore, key: &str, etag: Option<&str>) -> Result<(), StateError> {
-    store.transact(vec![Op::Delete(DeleteOp { key: key.into(), etag: etag.map(str::to_string) })]).await
+    store
+        .transact(vec![Op::Delete(DeleteOp {
+            key: key.into(),
+            etag: etag.map(str::to_string),
+        })])
+        .await
 }
 
 async fn value(store: &dyn StateStore, key: &str) -> Option<String> {
-    store.get(key).await.unwrap().map(|i| String::from_utf8(i.value.to_vec()).unwrap())
+    store
+        .get(key)
+        .await
+        .unwrap()
+        .map(|i| String::from_utf8(i.value.to_vec()).unwrap())
 }
 
 async fn etag(store: &dyn StateStore, key: &str) -> String {
@@ -129,7 +167,9 @@ async fn round_trip(store: &dyn StateStore, p: &str) {
     assert_eq!(item.expires_at_ms, None);
     del(store, &k, None).await.unwrap();
     assert_eq!(value(store, &k).await, None);
-    del(store, &k, None).await.expect("deleting an absent key succeeds");
+    del(store, &k, None)
+        .await
+        .expect("deleting an absent key succeeds");
 }
 
 async fn etag_mismatch_on_save(store: &dyn StateStore, p: &str) {
@@ -139,12 +179,30 @@ async fn etag_mismatch_on_save(store: &dyn StateStore, p: &str) {
     put(store, with_etag(set(&k, "2"), &e1)).await.unwrap();
     let e2 = etag(store, &k).await;
     assert_ne!(e1, e2, "every write gives a fresh etag");
-    assert!(is_mismatch(put(store, with_etag(set(&k, "3"), &e1)).await), "stale etag must fail");
-    assert_eq!(value(store, &k).await.as_deref(), Some("2"), "a failed save changes nothing");
-    assert!(is_mismatch(put(store, with_etag(set(&format!("{p}absent"), "x"), &e2)).await));
+    assert!(
+        is_mismatch(put(store, with_etag(set(&k, "3"), &e1)).await),
+        "stale etag must fail"
+    );
+    assert_eq!(
+        value(store, &k).await.as_deref(),
+        Some("2"),
+        "a failed save changes nothing"
+    );
+    assert!(is_mismatch(
+        put(store, with_etag(set(&format!("{p}absent"), "x"), &e2)).await
+    ));
     assert_eq!(value(store, &format!("{p}absent")).await, None);
-    assert!(matches!(put(store, with_etag(set(&k, "4"), "not-a-number")).await, Err(StateError::InvalidEtag { .. })));
-    assert!(matches!(put(store, with_etag(set(&k, "4"), "")).await, Err(StateError::InvalidEtag { .. })), "a blank etag is rejected, never read as none");
+    assert!(matches!(
+        put(store, with_etag(set(&k, "4"), "not-a-number")).await,
+        Err(StateError::InvalidEtag { .. })
+    ));
+    assert!(
+        matches!(
+            put(store, with_etag(set(&k, "4"), "")).await,
+            Err(StateError::InvalidEtag { .. })
+        ),
+        "a blank etag is rejected, never read as none"
+    );
     assert_eq!(value(store, &k).await.as_deref(), Some("2"));
 }
 
@@ -158,7 +216,10 @@ async fn etag_mismatch_on_delete(store: &dyn StateStore, p: &str) {
     let e2 = etag(store, &k).await;
     del(store, &k, Some(&e2)).await.unwrap();
     assert_eq!(value(store, &k).await, None);
-    assert!(is_mismatch(del(store, &k, Some(&e2)).await), "etag delete of an absent key fails");
+    assert!(
+        is_mismatch(del(store, &k, Some(&e2)).await),
+        "etag delete of an absent key fails"
+    );
 }
 
 async fn recreate_never_reuses_an_etag(store: &dyn StateStore, p: &str) {
@@ -176,12 +237,19 @@ async fn recreate_never_reuses_an_etag(store: &dyn StateStore, p: &str) {
 async fn first_write_semantics(store: &dyn StateStore, p: &str) {
     let k = format!("{p}fw");
     put(store, first_write(set(&k, "1"))).await.unwrap();
-    assert!(is_mismatch(put(store, first_write(set(&k, "2"))).await), "first-write without etag on an existing key fails");
+    assert!(
+        is_mismatch(put(store, first_write(set(&k, "2"))).await),
+        "first-write without etag on an existing key fails"
+    );
     assert_eq!(value(store, &k).await.as_deref(), Some("1"));
     let e = etag(store, &k).await;
-    put(store, first_write(with_etag(set(&k, "3"), &e))).await.unwrap();
+    put(store, first_write(with_etag(set(&k, "3"), &e)))
+        .await
+        .unwrap();
     assert_eq!(value(store, &k).await.as_deref(), Some("3"));
-    assert!(is_mismatch(put(store, first_write(with_etag(set(&k, "4"), &e))).await));
+    assert!(is_mismatch(
+        put(store, first_write(with_etag(set(&k, "4"), &e))).await
+    ));
 }
 
 async fn concurrent_first_write_creates(store: Arc<dyn StateStore>, p: &str) {
@@ -192,7 +260,10 @@ async fn concurrent_first_write_creates(store: Arc<dyn StateStore>, p: &str) {
             let store = store.clone();
             let k = k.clone();
             tasks.push(tokio::spawn(async move {
-                (writer, put(&*store, first_write(set(&k, &writer.to_string()))).await)
+                (
+                    writer,
+                    put(&*store, first_write(set(&k, &writer.to_string()))).await,
+                )
             }));
         }
         let mut winners = Vec::new();
@@ -204,7 +275,11 @@ async fn concurrent_first_write_creates(store: Arc<dyn StateStore>, p: &str) {
                 Err(e) => panic!("unexpected error: {e}"),
             }
         }
-        assert_eq!(winners.len(), 1, "exactly one concurrent create wins, got {winners:?}");
+        assert_eq!(
+            winners.len(),
+            1,
+            "exactly one concurrent create wins, got {winners:?}"
+        );
         assert_eq!(value(&*store, &k).await, Some(winners[0].to_string()));
     }
 }
@@ -222,7 +297,12 @@ async fn concurrent_etag_updates_lose_nothing(store: Arc<dyn StateStore>, p: &st
             while done < 10 {
                 let item = store.get(&k).await.unwrap().unwrap();
                 let n: u64 = std::str::from_utf8(&item.value).unwrap().parse().unwrap();
-                match put(&*store, with_etag(set(&k, &(n + 1).to_string()), &item.etag)).await {
+                match put(
+                    &*store,
+                    with_etag(set(&k, &(n + 1).to_string()), &item.etag),
+                )
+                .await
+                {
                     Ok(()) => done += 1,
                     Err(StateError::EtagMismatch { .. }) => {}
                     Err(e) => panic!("{e}"),
@@ -246,16 +326,26 @@ async fn transactions_are_atomic(store: &dyn StateStore, p: &str) {
         .transact(vec![
             Op::Set(set(&a, "a2")),
             Op::Set(set(&c, "c1")),
-            Op::Delete(DeleteOp { key: b.clone(), etag: Some(eb.clone()) }),
+            Op::Delete(DeleteOp {
+                key: b.clone(),
+                etag: Some(eb.clone()),
+            }),
         ])
         .await;
-    assert!(is_mismatch(r), "the stale delete fails the whole transaction");
+    assert!(
+        is_mismatch(r),
+        "the stale delete fails the whole transaction"
+    );
     assert_eq!(value(store, &a).await.as_deref(), Some("a1"));
     assert_eq!(value(store, &b).await.as_deref(), Some("b2"));
     assert_eq!(value(store, &c).await, None);
     // A failing first-write in the middle also rolls back what came before it.
     let r = store
-        .transact(vec![Op::Set(set(&c, "c1")), Op::Set(first_write(set(&a, "a3"))), Op::Set(set(&b, "b3"))])
+        .transact(vec![
+            Op::Set(set(&c, "c1")),
+            Op::Set(first_write(set(&a, "a3"))),
+            Op::Set(set(&b, "b3")),
+        ])
         .await;
     assert!(is_mismatch(r));
     assert_eq!(value(store, &c).await, None);
@@ -266,9 +356,15 @@ async fn transactions_are_atomic(store: &dyn StateStore, p: &str) {
         .transact(vec![
             Op::Set(with_etag(set(&a, "a4"), &ea)),
             Op::Set(set(&c, "c2")),
-            Op::Delete(DeleteOp { key: c.clone(), etag: None }),
+            Op::Delete(DeleteOp {
+                key: c.clone(),
+                etag: None,
+            }),
             Op::Set(first_write(set(&c, "c3"))),
-            Op::Delete(DeleteOp { key: b.clone(), etag: None }),
+            Op::Delete(DeleteOp {
+                key: b.clone(),
+                etag: None,
+            }),
         ])
         .await
         .unwrap();
@@ -291,16 +387,29 @@ async fn ttl_expiry(store: &dyn StateStore, p: &str) {
     let stale = item.etag;
     tokio::time::sleep(Duration::from_millis(1_600)).await;
     assert_eq!(value(store, &k).await, None, "expired key reads as absent");
-    assert_eq!(store.bulk_get(std::slice::from_ref(&k)).await.unwrap(), vec![None]);
-    assert!(is_mismatch(put(store, with_etag(set(&k, "x"), &stale)).await));
-    put(store, first_write(set(&k, "again"))).await.expect("first-write create over an expired key");
+    assert_eq!(
+        store.bulk_get(std::slice::from_ref(&k)).await.unwrap(),
+        vec![None]
+    );
+    assert!(is_mismatch(
+        put(store, with_etag(set(&k, "x"), &stale)).await
+    ));
+    put(store, first_write(set(&k, "again")))
+        .await
+        .expect("first-write create over an expired key");
     let item = store.get(&k).await.unwrap().unwrap();
-    assert_eq!(item.expires_at_ms, None, "a write without ttl clears the old expiry");
+    assert_eq!(
+        item.expires_at_ms, None,
+        "a write without ttl clears the old expiry"
+    );
     assert_eq!(value(store, &keep).await.as_deref(), Some("long"));
 }
 
 async fn bulk_get_with_missing_keys(store: &dyn StateStore, p: &str) {
-    let keys: Vec<String> = ["x", "missing", "y"].iter().map(|k| format!("{p}{k}")).collect();
+    let keys: Vec<String> = ["x", "missing", "y"]
+        .iter()
+        .map(|k| format!("{p}{k}"))
+        .collect();
     put(store, set(&keys[0], "1")).await.unwrap();
     put(store, set(&keys[2], "3")).await.unwrap();
     let got = store.bulk_get(&keys).await.unwrap();
@@ -314,18 +423,33 @@ async fn bulk_get_with_missing_keys(store: &dyn StateStore, p: &str) {
 
 async fn large_values(store: &dyn StateStore, p: &str) {
     let k = format!("{p}big");
-    let big: String = (0..1024 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let big: String = (0..1024 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     put(store, set(&k, &big)).await.unwrap();
     assert_eq!(value(store, &k).await.map(|v| v.len()), Some(big.len()));
     assert_eq!(value(store, &k).await.as_deref(), Some(big.as_str()));
 }
 
 async fn binary_and_odd_keys(store: &dyn StateStore, p: &str) {
-    for k in ["with space", "slash/inside", "ünïcödé", "quote\"'", "%2F", "a||b"] {
+    for k in [
+        "with space",
+        "slash/inside",
+        "ünïcödé",
+        "quote\"'",
+        "%2F",
+        "a||b",
+    ] {
         let key = format!("{p}{k}");
-        let v = SetOp { value: Bytes::from_static(&[0, 159, 146, 150, 255]), ..set(&key, "") };
+        let v = SetOp {
+            value: Bytes::from_static(&[0, 159, 146, 150, 255]),
+            ..set(&key, "")
+        };
         put(store, v).await.unwrap();
-        assert_eq!(store.get(&key).await.unwrap().unwrap().value, Bytes::from_static(&[0, 159, 146, 150, 255]));
+        assert_eq!(
+            store.get(&key).await.unwrap().unwrap().value,
+            Bytes::from_static(&[0, 159, 146, 150, 255])
+        );
     }
 }
 

@@ -8,15 +8,26 @@ use std::time::{Duration, Instant};
 /// The `tessera` binary built by this workspace (the test binary lives in `target/<profile>/deps`).
 pub fn tessera_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let bin = dir.join("tessera");
-    assert!(bin.exists(), "{} not found: build it first with `cargo build -p cli`", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build -p cli`",
+        bin.display()
+    );
     bin
 }
 
 /// A free port on 127.0.0.1 (bound then released; the race with other processes is harmless in tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `tessera host` process.
@@ -35,20 +46,38 @@ impl Sidecar {
         Self::start_with_env(app_id, data_dir, extra, &[]).await
     }
 
-    pub async fn start_with_env(app_id: &str, data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Sidecar {
+    pub async fn start_with_env(
+        app_id: &str,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Sidecar {
         let port = free_port();
         let log = data_dir.with_extension(format!("{port}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(tessera_bin());
-        cmd.args(["host", "--app-id", app_id, "--dapr-http-port", &port.to_string(), "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .envs(env.iter().copied())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .stdin(Stdio::null());
+        cmd.args([
+            "host",
+            "--app-id",
+            app_id,
+            "--dapr-http-port",
+            &port.to_string(),
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null());
         let child = cmd.spawn().expect("spawn tessera");
-        let mut s = Sidecar { child, port, data_dir: data_dir.to_path_buf(), log, client: reqwest::Client::new() };
+        let mut s = Sidecar {
+            child,
+            port,
+            data_dir: data_dir.to_path_buf(),
+            log,
+            client: reqwest::Client::new(),
+        };
         s.wait_ready().await;
         s
     }
@@ -59,12 +88,21 @@ impl Sidecar {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("tessera exited early with {status}:\n{}", self.logs());
             }
-            if let Ok(r) = self.client.get(self.url("/v1.0/healthz/outbound")).send().await {
+            if let Ok(r) = self
+                .client
+                .get(self.url("/v1.0/healthz/outbound"))
+                .send()
+                .await
+            {
                 if r.status() == 204 {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "tessera not ready in 20 s:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "tessera not ready in 20 s:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -91,11 +129,20 @@ impl Sidecar {
     }
 
     pub async fn save(&self, store: &str, body: serde_json::Value) -> reqwest::Response {
-        self.client.post(self.url(&format!("/v1.0/state/{store}"))).json(&body).send().await.unwrap()
+        self.client
+            .post(self.url(&format!("/v1.0/state/{store}")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn get(&self, store: &str, key: &str) -> reqwest::Response {
-        self.client.get(self.url(&format!("/v1.0/state/{store}/{key}"))).send().await.unwrap()
+        self.client
+            .get(self.url(&format!("/v1.0/state/{store}/{key}")))
+            .send()
+            .await
+            .unwrap()
     }
 
     /// The value of a key as JSON, `None` on 204.
@@ -128,5 +175,12 @@ pub fn resources(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
 
 /// A unique suffix for keys and table names, so runs never see each other's data.
 pub fn unique() -> String {
-    format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
 }

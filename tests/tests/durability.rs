@@ -20,7 +20,12 @@ async fn kill9_loses_no_acknowledged_write() {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut writers = Vec::new();
         for w in 0..32 {
-            let (client, url, acked, stop) = (s.client.clone(), s.url("/v1.0/state/statestore"), acked.clone(), stop.clone());
+            let (client, url, acked, stop) = (
+                s.client.clone(),
+                s.url("/v1.0/state/statestore"),
+                acked.clone(),
+                stop.clone(),
+            );
             writers.push(tokio::spawn(async move {
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -45,7 +50,11 @@ async fn kill9_loses_no_acknowledged_write() {
             w.await.unwrap();
         }
         let acked = acked.lock().unwrap().clone();
-        assert!(acked.len() > 100, "round {round}: too few acknowledged writes ({}) to mean anything", acked.len());
+        assert!(
+            acked.len() > 100,
+            "round {round}: too few acknowledged writes ({}) to mean anything",
+            acked.len()
+        );
         drop(s);
         let s = Sidecar::start("durable", &data, &[]).await;
         let mut lost = Vec::new();
@@ -56,7 +65,13 @@ async fn kill9_loses_no_acknowledged_write() {
                 lost.push((key.clone(), *n, got));
             }
         }
-        assert!(lost.is_empty(), "round {round}: acknowledged writes lost after kill -9: {lost:?}");
-        eprintln!("round {round}: {} acknowledged keys all survived kill -9", acked.len());
+        assert!(
+            lost.is_empty(),
+            "round {round}: acknowledged writes lost after kill -9: {lost:?}"
+        );
+        eprintln!(
+            "round {round}: {} acknowledged keys all survived kill -9",
+            acked.len()
+        );
     }
 }

@@ -84,7 +84,9 @@ pub enum StateError {
     #[error("possible etag mismatch for key {key:?}: {reason}")]
     EtagMismatch { key: String, reason: &'static str },
     /// The ETag is not one this store could have issued.
-    #[error("invalid etag {etag:?} for key {key:?}: etags are decimal numbers issued by the store")]
+    #[error(
+        "invalid etag {etag:?} for key {key:?}: etags are decimal numbers issued by the store"
+    )]
     InvalidEtag { key: String, etag: String },
     /// The backend failed (connection, I/O, corruption). The write may or may not have happened
     /// only where the backend itself cannot tell (e.g. a lost connection during commit).

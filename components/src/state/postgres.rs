@@ -69,7 +69,9 @@ fn valid_table(name: &str) -> bool {
     let ident = |s: &str| {
         !s.is_empty()
             && s.len() <= 63
-            && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && s.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
     };
     let parts: Vec<&str> = name.split('.').collect();
@@ -84,15 +86,29 @@ impl PostgresStore {
         let cfg: tokio_postgres::Config = conn_str
             .parse()
             .map_err(|e| spec.invalid("connectionString", &format!("does not parse: {e}")))?;
-        let table = spec.optional("tableName").unwrap_or("tessera_state").to_string();
+        let table = spec
+            .optional("tableName")
+            .unwrap_or("tessera_state")
+            .to_string();
         if !valid_table(&table) {
-            return Err(spec.invalid("tableName", "must be an identifier like `state` or `schema.state`"));
+            return Err(spec.invalid(
+                "tableName",
+                "must be an identifier like `state` or `schema.state`",
+            ));
         }
         let max: usize = match spec.optional("maxConns") {
-            Some(v) => v.parse().map_err(|_| spec.invalid("maxConns", "must be a number"))?,
+            Some(v) => v
+                .parse()
+                .map_err(|_| spec.invalid("maxConns", "must be a number"))?,
             None => 16,
         };
-        let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
         let pool = Pool::builder(mgr)
             .max_size(max.max(1))
             .build()
@@ -112,7 +128,10 @@ impl PostgresStore {
             .await
             .map_err(|e| spec.failed(format!("cannot create table {table}: {e}")))?;
         drop(client);
-        let store = PostgresStore { pool, sql: Sql::new(&table) };
+        let store = PostgresStore {
+            pool,
+            sql: Sql::new(&table),
+        };
         store.spawn_sweeper();
         Ok(store)
     }
@@ -137,7 +156,10 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StateError> {
-        self.pool.get().await.map_err(|e| StateError::Backend(format!("postgresql: {e}")))
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StateError::Backend(format!("postgresql: {e}")))
     }
 }
 
@@ -201,17 +223,31 @@ impl StateStore for PostgresStore {
                     match (etag, s.concurrency) {
                         (Some(want), _) => {
                             let st = tx.prepare_cached(&self.sql.update_if).await.map_err(pg)?;
-                            let n = tx.execute(&st, &[&s.key, &value, &new, &ttl, &want]).await.map_err(pg)?;
-                            (n, "the etag does not match the stored one, or the key does not exist")
+                            let n = tx
+                                .execute(&st, &[&s.key, &value, &new, &ttl, &want])
+                                .await
+                                .map_err(pg)?;
+                            (
+                                n,
+                                "the etag does not match the stored one, or the key does not exist",
+                            )
                         }
                         (None, Concurrency::FirstWrite) => {
-                            let st = tx.prepare_cached(&self.sql.insert_if_absent).await.map_err(pg)?;
-                            let n = tx.execute(&st, &[&s.key, &value, &new, &ttl]).await.map_err(pg)?;
+                            let st = tx
+                                .prepare_cached(&self.sql.insert_if_absent)
+                                .await
+                                .map_err(pg)?;
+                            let n = tx
+                                .execute(&st, &[&s.key, &value, &new, &ttl])
+                                .await
+                                .map_err(pg)?;
                             (n, "first-write: the key already exists")
                         }
                         (None, Concurrency::LastWrite) => {
                             let st = tx.prepare_cached(&self.sql.upsert).await.map_err(pg)?;
-                            tx.execute(&st, &[&s.key, &value, &new, &ttl]).await.map_err(pg)?;
+                            tx.execute(&st, &[&s.key, &value, &new, &ttl])
+                                .await
+                                .map_err(pg)?;
                             (1, "")
                         }
                     }
@@ -220,7 +256,10 @@ impl StateStore for PostgresStore {
                     Some(want) => {
                         let st = tx.prepare_cached(&self.sql.delete_if).await.map_err(pg)?;
                         let n = tx.execute(&st, &[&d.key, &want]).await.map_err(pg)?;
-                        (n, "the etag does not match the stored one, or the key does not exist")
+                        (
+                            n,
+                            "the etag does not match the stored one, or the key does not exist",
+                        )
                     }
                     None => {
                         let st = tx.prepare_cached(&self.sql.delete).await.map_err(pg)?;
@@ -231,7 +270,10 @@ impl StateStore for PostgresStore {
             };
             if changed == 0 {
                 // Dropping `tx` rolls back everything this transaction did.
-                return Err(StateError::EtagMismatch { key: op.key().to_string(), reason });
+                return Err(StateError::EtagMismatch {
+                    key: op.key().to_string(),
+                    reason,
+                });
             }
         }
         tx.commit().await.map_err(pg)

@@ -68,12 +68,19 @@ impl RedisStore {
     pub async fn connect(spec: &ComponentSpec) -> Result<Self, ComponentError> {
         let host = spec.required("redisHost")?;
         let (h, p) = match host.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| spec.invalid("redisHost", "the port is not a number"))?),
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| spec.invalid("redisHost", "the port is not a number"))?,
+            ),
             None => (host, 6379),
         };
         let mut redis = RedisConnectionInfo::default();
         if let Some(db) = spec.optional("redisDB") {
-            redis = redis.set_db(db.parse().map_err(|_| spec.invalid("redisDB", "must be a number"))?);
+            redis = redis.set_db(
+                db.parse()
+                    .map_err(|_| spec.invalid("redisDB", "must be a number"))?,
+            );
         }
         if let Some(pw) = spec.optional("redisPassword").filter(|s| !s.is_empty()) {
             redis = redis.set_password(pw);
@@ -82,10 +89,16 @@ impl RedisStore {
             redis = redis.set_username(user);
         }
         if spec.optional("enableTLS").is_some_and(|v| v == "true") {
-            return Err(spec.invalid("enableTLS", "TLS to Redis is not supported yet; use a local TLS proxy or a plain connection"));
+            return Err(spec.invalid(
+                "enableTLS",
+                "TLS to Redis is not supported yet; use a local TLS proxy or a plain connection",
+            ));
         }
-        let info: ConnectionInfo = ConnectionAddr::Tcp(h.trim_start_matches('[').trim_end_matches(']').to_string(), p)
-            .into_connection_info_with(redis);
+        let info: ConnectionInfo = ConnectionAddr::Tcp(
+            h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            p,
+        )
+        .into_connection_info_with(redis);
         let client = redis::Client::open(info).map_err(|e| spec.failed(e))?;
         // Probe once so a wrong address fails now with the real reason; the manager then
         // reconnects on its own for the life of the store.
@@ -98,7 +111,11 @@ impl RedisStore {
             .await
             .map_err(|_| spec.failed(format!("no answer from Redis at {host} within 5 s")))?
             .map_err(|e| spec.failed(format!("cannot connect to Redis at {host}: {e}")))?;
-        Ok(RedisStore { conn, transact: Script::new(TRANSACT_LUA), get: Script::new(GET_LUA) })
+        Ok(RedisStore {
+            conn,
+            transact: Script::new(TRANSACT_LUA),
+            get: Script::new(GET_LUA),
+        })
     }
 }
 
@@ -109,7 +126,9 @@ trait WithRedis {
 impl WithRedis for ConnectionAddr {
     fn into_connection_info_with(self, redis: RedisConnectionInfo) -> ConnectionInfo {
         use redis::IntoConnectionInfo;
-        self.into_connection_info().expect("an address is always valid").set_redis_settings(redis)
+        self.into_connection_info()
+            .expect("an address is always valid")
+            .set_redis_settings(redis)
     }
 }
 
@@ -125,9 +144,15 @@ fn map_err(e: redis::RedisError, ops: &[Op]) -> StateError {
             .unwrap_or_default()
     };
     if text.contains("TESSERA_ETAG") {
-        StateError::EtagMismatch { key: index("TESSERA_ETAG "), reason: "the etag does not match the stored one" }
+        StateError::EtagMismatch {
+            key: index("TESSERA_ETAG "),
+            reason: "the etag does not match the stored one",
+        }
     } else if text.contains("TESSERA_EXISTS") {
-        StateError::EtagMismatch { key: index("TESSERA_EXISTS "), reason: "first-write: the key already exists" }
+        StateError::EtagMismatch {
+            key: index("TESSERA_EXISTS "),
+            reason: "first-write: the key already exists",
+        }
     } else {
         StateError::Backend(format!("redis: {text}"))
     }
@@ -137,8 +162,12 @@ fn map_err(e: redis::RedisError, ops: &[Op]) -> StateError {
 impl StateStore for RedisStore {
     async fn get(&self, key: &str) -> Result<Option<StateItem>, StateError> {
         let mut conn = self.conn.clone();
-        let r: Option<(Vec<u8>, String, i64)> =
-            self.get.key(key).invoke_async(&mut conn).await.map_err(|e| map_err(e, &[]))?;
+        let r: Option<(Vec<u8>, String, i64)> = self
+            .get
+            .key(key)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| map_err(e, &[]))?;
         Ok(r.map(|(data, etag, exp)| StateItem {
             value: Bytes::from(data),
             etag,
@@ -156,7 +185,10 @@ impl StateStore for RedisStore {
             pipe.cmd("PEXPIRETIME").arg(k);
         }
         let mut conn = self.conn.clone();
-        let raw: Vec<redis::Value> = pipe.query_async(&mut conn).await.map_err(|e| map_err(e, &[]))?;
+        let raw: Vec<redis::Value> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| map_err(e, &[]))?;
         let mut out = Vec::with_capacity(keys.len());
         for pair in raw.chunks(2) {
             let (fields, exp): (Vec<Option<Vec<u8>>>, i64) = (
@@ -193,7 +225,11 @@ impl StateStore for RedisStore {
                     }
                     last_new.insert(&s.key, new);
                     let ttl = s.ttl.map_or(0, |d| d.as_millis().max(1) as u64);
-                    let fw = if s.concurrency == Concurrency::FirstWrite { "1" } else { "0" };
+                    let fw = if s.concurrency == Concurrency::FirstWrite {
+                        "1"
+                    } else {
+                        "0"
+                    };
                     inv.arg("s").arg(want).arg(fw).arg(new.to_string()).arg(ttl);
                 }
                 Op::Delete(_) => {
@@ -207,13 +243,19 @@ impl StateStore for RedisStore {
             }
         }
         let mut conn = self.conn.clone();
-        let _: String = inv.invoke_async(&mut conn).await.map_err(|e| map_err(e, &ops))?;
+        let _: String = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| map_err(e, &ops))?;
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), StateError> {
         let mut conn = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(StateError::backend)?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(StateError::backend)?;
         Ok(())
     }
 }

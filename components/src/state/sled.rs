@@ -2,74 +2,113 @@
 //!
 //! Layout: tree `state` maps a key to `[etag u64 BE][expires_at_ms i64 BE, 0 = never][value]`;
 //! tree `ttl` maps `[expires_at_ms i64 BE][key]` to nothing, so expired keys can be swept in
-//! order without scanning the data. Every write is a sled transaction over both trees.
+//! order without scanning the data.
 //!
-//! Durability: sled only fsyncs every 500 ms by itself, so a write is acknowledged only after a
-//! flush that started after it. [`GroupCommit`] lets all writers that arrive while one flush runs
-//! share the next one, so 64 concurrent writers cost about one fsync per batch instead of 64.
+//! Durability and atomicity come from the write-ahead log in [`wal`]: a transaction is decided
+//! under the log's lock, logged, synced together with its concurrent neighbours (group commit),
+//! applied to sled in log order, and only then acknowledged. Opening the store replays whatever
+//! log a crash left behind.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
-use tokio::sync::{watch, Notify};
 
 use super::{expiry_ms, now_ms, parse_etags, Concurrency, Op, StateError, StateItem, StateStore};
+
+mod wal;
 
 const HEADER: usize = 16;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The embedded state store.
 pub struct SledStore {
+    target: Arc<SledTarget>,
+    wal: Arc<wal::Wal<SledTarget>>,
+    _alive: Arc<()>,
+}
+
+/// The sled trees the log writes through to.
+struct SledTarget {
     db: sled::Db,
     data: sled::Tree,
     ttl: sled::Tree,
-    commit: Arc<GroupCommit>,
-    _sweeper: Arc<()>,
+}
+
+impl wal::Target for SledTarget {
+    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.data.get(key).map_err(StateError::backend)?.map(|v| v.to_vec()))
+    }
+
+    fn apply(&self, key: &[u8], post: Option<&[u8]>) -> Result<(), StateError> {
+        let old = match post {
+            Some(raw) => self.data.insert(key, raw),
+            None => self.data.remove(key),
+        }
+        .map_err(StateError::backend)?;
+        // The expiry index only steers the sweeper, which re-checks the record itself.
+        if let Some(exp) = old.as_deref().and_then(|o| decode(o).ok()).map(|o| o.expires_at_ms).filter(|e| *e != 0) {
+            self.ttl.remove(ttl_key(exp, key)).map_err(StateError::backend)?;
+        }
+        if let Some(exp) = post.and_then(|p| decode(p).ok()).map(|p| p.expires_at_ms).filter(|e| *e != 0) {
+            self.ttl.insert(ttl_key(exp, key), &[][..]).map_err(StateError::backend)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StateError> {
+        self.db.flush().map(drop).map_err(StateError::backend)
+    }
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir`. Must be called inside a tokio runtime.
+    /// Opens (or creates) the store in `dir`, replaying any log a crash left. Must be called
+    /// inside a tokio runtime.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StateError::Backend(format!("cannot create data directory {}: {e}", dir.display()))
         })?;
         let db = sled::Config::new()
-            .path(dir)
+            .path(dir.join("db"))
             .cache_capacity(32 * 1024 * 1024)
             .open()
-            .map_err(|e| StateError::Backend(format!("cannot open sled store in {}: {e}", dir.display())))?;
+            .map_err(|e| {
+                StateError::Backend(format!("cannot open sled store in {}: {e}", dir.display()))
+            })?;
         let data = db.open_tree("state").map_err(StateError::backend)?;
         let ttl = db.open_tree("ttl").map_err(StateError::backend)?;
-        let commit = GroupCommit::start(db.clone());
-        let sweeper = Arc::new(());
-        spawn_sweeper(Arc::downgrade(&sweeper), data.clone(), ttl.clone(), commit.clone());
-        Ok(SledStore { db, data, ttl, commit, _sweeper: sweeper })
+        let target = Arc::new(SledTarget { db, data, ttl });
+        let (wal, replayed) = wal::Wal::open(&dir.join("wal"), target.clone())?;
+        if replayed > 0 {
+            tracing::info!(records = replayed, dir = %dir.display(), "replayed the write-ahead log");
+        }
+        let alive = Arc::new(());
+        spawn_sweeper(Arc::downgrade(&alive), target.data.clone(), target.ttl.clone());
+        wal::spawn_checkpointer(Arc::downgrade(&alive), wal.clone());
+        Ok(SledStore { target, wal, _alive: alive })
     }
 
     /// Number of live and not-yet-swept keys (for tests and metrics).
     pub fn len(&self) -> usize {
-        self.data.len()
+        self.target.data.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
+        self.target.data.is_empty()
     }
 
     /// Size of the database on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.target.db.size_on_disk().unwrap_or(0)
     }
 }
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        self.commit.close();
+        self.wal.close();
     }
 }
 
@@ -107,61 +146,34 @@ fn live(s: &Stored<'_>, now: i64) -> bool {
     s.expires_at_ms == 0 || s.expires_at_ms > now
 }
 
-type TxResult<T> = Result<T, ConflictableTransactionError<StateError>>;
-
-fn abort<T>(e: StateError) -> TxResult<T> {
-    Err(ConflictableTransactionError::Abort(e))
-}
-
-/// Applies one operation inside a transaction.
-fn apply(
-    data: &TransactionalTree,
-    ttl: &TransactionalTree,
-    op: &Op,
-    etag: Option<u64>,
-    expires_at_ms: i64,
-    now: i64,
-) -> TxResult<()> {
-    let key = op.key().as_bytes();
-    let raw = data.get(key)?;
-    let current = match raw.as_deref().map(decode).transpose() {
-        Ok(c) => c,
-        Err(e) => return abort(e),
-    };
+/// Checks one operation against the key's current raw record and returns its post-image.
+fn decide(op: &Op, current: Option<&[u8]>, etag: Option<u64>, expires_at_ms: i64, now: i64, next_id: u64) -> Result<Option<Vec<u8>>, StateError> {
+    let current = current.map(decode).transpose()?;
     let live_etag = current.as_ref().filter(|c| live(c, now)).map(|c| c.etag);
     let mismatch = |reason| StateError::EtagMismatch { key: op.key().to_string(), reason };
     match (etag, live_etag) {
         (Some(want), Some(have)) if want == have => {}
-        (Some(_), Some(_)) => return abort(mismatch("the etag does not match the stored one")),
-        (Some(_), None) => return abort(mismatch("the key does not exist")),
+        (Some(_), Some(_)) => return Err(mismatch("the etag does not match the stored one")),
+        (Some(_), None) => return Err(mismatch("the key does not exist")),
         (None, Some(_)) if matches!(op, Op::Set(s) if s.concurrency == Concurrency::FirstWrite) => {
-            return abort(mismatch("first-write: the key already exists"))
+            return Err(mismatch("first-write: the key already exists"))
         }
         (None, _) => {}
     }
-    if let Some(c) = current.as_ref().filter(|c| c.expires_at_ms != 0) {
-        ttl.remove(ttl_key(c.expires_at_ms, key))?;
-    }
-    match op {
-        Op::Set(s) => {
-            // Strictly newer than anything this key had, so an old etag can never match again.
-            let fresh = current.as_ref().map_or(0, |c| c.etag).max(data.generate_id()?) + 1;
-            data.insert(key, encode(fresh, expires_at_ms, &s.value))?;
-            if expires_at_ms != 0 {
-                ttl.insert(ttl_key(expires_at_ms, key), &[][..])?;
-            }
-        }
-        Op::Delete(_) => {
-            data.remove(key)?;
-        }
-    }
-    Ok(())
+    Ok(match op {
+        // Strictly newer than anything this key had, so an old etag can never match again.
+        Op::Set(s) => Some(encode(current.as_ref().map_or(0, |c| c.etag).max(next_id) + 1, expires_at_ms, &s.value)),
+        Op::Delete(_) => None,
+    })
 }
 
 #[async_trait]
 impl StateStore for SledStore {
     async fn get(&self, key: &str) -> Result<Option<StateItem>, StateError> {
-        let Some(raw) = self.data.get(key.as_bytes()).map_err(StateError::backend)? else {
+        // Reads and rejected writes finish without awaiting anything; the budget makes a caller
+        // that loops on them yield, so the syncer that applies pending writes always gets to run.
+        tokio::task::consume_budget().await;
+        let Some(raw) = self.target.data.get(key.as_bytes()).map_err(StateError::backend)? else {
             return Ok(None);
         };
         let s = decode(&raw)?;
@@ -176,29 +188,33 @@ impl StateStore for SledStore {
     }
 
     async fn transact(&self, ops: Vec<Op>) -> Result<(), StateError> {
+        tokio::task::consume_budget().await;
         if ops.is_empty() {
             return Ok(());
         }
         let etags = parse_etags(&ops)?;
-        let expiries: Vec<i64> = ops
-            .iter()
-            .map(|op| match op {
-                Op::Set(s) => expiry_ms(s.ttl).unwrap_or(0),
-                Op::Delete(_) => 0,
-            })
-            .collect();
         let now = now_ms();
-        let result = (&self.data, &self.ttl).transaction(|(data, ttl)| {
-            for ((op, etag), exp) in ops.iter().zip(&etags).zip(&expiries) {
-                apply(data, ttl, op, *etag, *exp, now)?;
+        let seq = self.wal.submit(|view| {
+            // Later operations of the transaction see the earlier ones.
+            let mut mine: HashMap<&str, Option<Vec<u8>>> = HashMap::new();
+            let mut posts = Vec::with_capacity(ops.len());
+            for (op, etag) in ops.iter().zip(&etags) {
+                let current = match mine.get(op.key()) {
+                    Some(c) => c.clone(),
+                    None => view(op.key().as_bytes())?,
+                };
+                let exp = match op {
+                    Op::Set(s) => expiry_ms(s.ttl).unwrap_or(0),
+                    Op::Delete(_) => 0,
+                };
+                let next_id = self.target.db.generate_id().map_err(StateError::backend)?;
+                let post = decide(op, current.as_deref(), *etag, exp, now, next_id)?;
+                mine.insert(op.key(), post.clone());
+                posts.push((op.key().as_bytes().to_vec(), post));
             }
-            Ok(())
-        });
-        match result {
-            Ok(()) => self.commit.durable().await,
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(StateError::backend(e)),
-        }
+            Ok(posts)
+        })?;
+        self.wal.durable(seq).await
     }
 
     async fn ping(&self) -> Result<(), StateError> {
@@ -206,8 +222,9 @@ impl StateStore for SledStore {
     }
 }
 
-/// Removes expired keys in expiry order, once a second, until the store is dropped.
-fn spawn_sweeper(alive: Weak<()>, data: sled::Tree, ttl: sled::Tree, commit: Arc<GroupCommit>) {
+/// Removes expired keys in expiry order, once a second, until the store is dropped. Sweeps are
+/// not logged: a swept key that comes back after a crash is still expired and reads as absent.
+fn spawn_sweeper(alive: Weak<()>, data: sled::Tree, ttl: sled::Tree) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -221,94 +238,19 @@ fn spawn_sweeper(alive: Weak<()>, data: sled::Tree, ttl: sled::Tree, commit: Arc
             for entry in ttl.range(..ttl_key(now + 1, b"")) {
                 let Ok((tk, _)) = entry else { break };
                 let key = &tk[8..];
-                let res = (&data, &ttl).transaction(|(d, t)| {
-                    if let Some(raw) = d.get(key)? {
-                        if let Ok(s) = decode(&raw) {
-                            if s.expires_at_ms != 0 && s.expires_at_ms <= now {
-                                d.remove(key)?;
-                            }
+                if let Ok(Some(raw)) = data.get(key) {
+                    if decode(&raw).is_ok_and(|s| s.expires_at_ms != 0 && s.expires_at_ms <= now) {
+                        // Only if nobody rewrote the key meanwhile.
+                        if let Ok(Ok(())) = data.compare_and_swap(key, Some(&raw), None::<&[u8]>) {
+                            swept += 1;
                         }
                     }
-                    t.remove(&tk)?;
-                    Ok::<_, ConflictableTransactionError<()>>(())
-                });
-                if res.is_ok() {
-                    swept += 1;
                 }
+                let _ = ttl.remove(&tk);
             }
             if swept > 0 {
-                // Not needed for correctness (expired keys read as absent), but keeps the
-                // on-disk view in step with what readers see.
-                let _ = commit.durable().await;
                 tracing::debug!(swept, "swept expired keys");
             }
         }
     });
-}
-
-/// Batches flushes: a writer asks for durability and waits until a flush that began after its
-/// write has finished. One background task runs the flushes back to back.
-pub struct GroupCommit {
-    requested: AtomicU64,
-    done: watch::Sender<(u64, Option<Arc<str>>)>,
-    wake: Notify,
-    closed: AtomicBool,
-}
-
-impl GroupCommit {
-    fn start(db: sled::Db) -> Arc<Self> {
-        let gc = Arc::new(GroupCommit {
-            requested: AtomicU64::new(0),
-            done: watch::Sender::new((0, None)),
-            wake: Notify::new(),
-            closed: AtomicBool::new(false),
-        });
-        let me = gc.clone();
-        tokio::spawn(async move {
-            loop {
-                me.wake.notified().await;
-                if me.closed.load(Ordering::Acquire) {
-                    // Last flush so that nothing acknowledged depends on the 500 ms window.
-                    let _ = tokio::task::spawn_blocking(move || db.flush()).await;
-                    return;
-                }
-                let upto = me.requested.load(Ordering::Acquire);
-                if upto <= me.done.borrow().0 {
-                    continue;
-                }
-                let db2 = db.clone();
-                let res = tokio::task::spawn_blocking(move || db2.flush()).await;
-                let err = match res {
-                    Ok(Ok(_)) => None,
-                    Ok(Err(e)) => Some(Arc::from(format!("fsync failed: {e}"))),
-                    Err(e) => Some(Arc::from(format!("fsync task failed: {e}"))),
-                };
-                if let Some(e) = &err {
-                    tracing::error!(error = %e, "sled flush failed");
-                }
-                me.done.send_replace((upto, err));
-            }
-        });
-        gc
-    }
-
-    /// Returns once everything written before this call is on disk.
-    pub async fn durable(&self) -> Result<(), StateError> {
-        let seq = self.requested.fetch_add(1, Ordering::AcqRel) + 1;
-        let mut rx = self.done.subscribe();
-        self.wake.notify_one();
-        let state = rx
-            .wait_for(|(done, _)| *done >= seq)
-            .await
-            .map_err(|_| StateError::Backend("store closed before the write was flushed".into()))?;
-        match &state.1 {
-            None => Ok(()),
-            Some(e) => Err(StateError::Backend(e.to_string())),
-        }
-    }
-
-    fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.wake.notify_one();
-    }
 }
