@@ -96,20 +96,31 @@ where
     }
     let elapsed = start.elapsed();
     all.sort_unstable();
-    Sample { lat_us: all, errors, elapsed }
+    Sample {
+        lat_us: all,
+        errors,
+        elapsed,
+    }
 }
 
 fn tessera_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("exe dir")?.join("tessera");
     if !bin.exists() {
-        bail!("{} not found: run `cargo build --release -p cli` first", bin.display());
+        bail!(
+            "{} not found: run `cargo build --release -p cli` first",
+            bin.display()
+        );
     }
     Ok(bin)
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Sidecar {
@@ -126,13 +137,26 @@ impl Drop for Sidecar {
 }
 
 /// Starts a sidecar and measures spawn-to-first-answer on `/v1.0/healthz/outbound`.
-async fn start_sidecar(app: &str, data: &Path, resources: Option<&Path>) -> anyhow::Result<Sidecar> {
+async fn start_sidecar(
+    app: &str,
+    data: &Path,
+    resources: Option<&Path>,
+) -> anyhow::Result<Sidecar> {
     let port = free_port();
     let mut cmd = Command::new(tessera_bin()?);
-    cmd.args(["host", "--app-id", app, "--log-level", "warn", "--dapr-http-port", &port.to_string(), "--data-dir"])
-        .arg(data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "host",
+        "--app-id",
+        app,
+        "--log-level",
+        "warn",
+        "--dapr-http-port",
+        &port.to_string(),
+        "--data-dir",
+    ])
+    .arg(data)
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
     if let Some(r) = resources {
         cmd.arg("--resources-path").arg(r);
     }
@@ -142,7 +166,10 @@ async fn start_sidecar(app: &str, data: &Path, resources: Option<&Path>) -> anyh
     loop {
         if let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            s.write_all(b"GET /v1.0/healthz/outbound HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+            s.write_all(
+                b"GET /v1.0/healthz/outbound HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await?;
             let mut buf = Vec::new();
             s.read_to_end(&mut buf).await?;
             if buf.starts_with(b"HTTP/1.1 204") {
@@ -154,13 +181,21 @@ async fn start_sidecar(app: &str, data: &Path, resources: Option<&Path>) -> anyh
         }
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
-    Ok(Sidecar { child, port, ready_after: t.elapsed() })
+    Ok(Sidecar {
+        child,
+        port,
+        ready_after: t.elapsed(),
+    })
 }
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l.to_string())
+        })
         .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
         .unwrap_or(0)
 }
@@ -179,8 +214,17 @@ async fn http_ok(client: &Http, req: hyper::Request<Full<Bytes>>, want: u16) -> 
 
 const VALUE: &str = r#"{"items":["product-1","product-2"],"total":42}"#;
 
-async fn bench_sidecar(label: &str, port: u16, conc: usize, secs: u64, keys: usize, rows: &mut Vec<String>) {
-    let client: Http = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http();
+async fn bench_sidecar(
+    label: &str,
+    port: u16,
+    conc: usize,
+    secs: u64,
+    keys: usize,
+    rows: &mut Vec<String>,
+) {
+    let client: Http = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build_http();
     let base = format!("http://127.0.0.1:{port}/v1.0/state/statestore");
     let (c, b) = (client.clone(), base.clone());
     let save = drive(conc, secs, move |w, i| {
@@ -188,7 +232,10 @@ async fn bench_sidecar(label: &str, port: u16, conc: usize, secs: u64, keys: usi
         async move {
             let key = (w as u64 * 7919 + i) % keys as u64;
             let body = format!(r#"[{{"key":"k{key}","value":{VALUE}}}]"#);
-            let req = hyper::Request::post(b).header("content-type", "application/json").body(Full::new(Bytes::from(body))).unwrap();
+            let req = hyper::Request::post(b)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
             http_ok(&c, req, 204).await
         }
     })
@@ -199,7 +246,9 @@ async fn bench_sidecar(label: &str, port: u16, conc: usize, secs: u64, keys: usi
         let (c, b) = (c.clone(), b.clone());
         async move {
             let key = (w as u64 * 7919 + i) % keys.min(1000) as u64;
-            let req = hyper::Request::get(format!("{b}/k{key}")).body(Full::new(Bytes::new())).unwrap();
+            let req = hyper::Request::get(format!("{b}/k{key}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
             http_ok(&c, req, 200).await
         }
     })
@@ -207,7 +256,13 @@ async fn bench_sidecar(label: &str, port: u16, conc: usize, secs: u64, keys: usi
     report(rows, label, "get", conc, &get);
 }
 
-async fn bench_redis(addr: &str, conc: usize, secs: u64, keys: usize, rows: &mut Vec<String>) -> anyhow::Result<()> {
+async fn bench_redis(
+    addr: &str,
+    conc: usize,
+    secs: u64,
+    keys: usize,
+    rows: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let client = redis::Client::open(format!("redis://{addr}"))?;
     let conn = client.get_multiplexed_async_connection().await?;
     let c = conn.clone();
@@ -260,7 +315,12 @@ fn report(rows: &mut Vec<String>, target: &str, op: &str, conc: usize, s: &Sampl
     rows.push(row);
 }
 
-async fn state(seconds: u64, concurrency: Vec<usize>, redis: String, keys: usize) -> anyhow::Result<()> {
+async fn state(
+    seconds: u64,
+    concurrency: Vec<usize>,
+    redis: String,
+    keys: usize,
+) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let res = dir.path().join("redis-resources");
     std::fs::create_dir_all(&res)?;
@@ -277,8 +337,24 @@ async fn state(seconds: u64, concurrency: Vec<usize>, redis: String, keys: usize
     ];
     for &c in &concurrency {
         bench_redis(&redis, c, seconds, keys, &mut rows).await?;
-        bench_sidecar("sidecar, state.redis", rds.port, c, seconds, keys, &mut rows).await;
-        bench_sidecar("sidecar, state.sled (fsync)", sled.port, c, seconds, keys, &mut rows).await;
+        bench_sidecar(
+            "sidecar, state.redis",
+            rds.port,
+            c,
+            seconds,
+            keys,
+            &mut rows,
+        )
+        .await;
+        bench_sidecar(
+            "sidecar, state.sled (fsync)",
+            sled.port,
+            c,
+            seconds,
+            keys,
+            &mut rows,
+        )
+        .await;
     }
     let loaded_rss = rss_kib(sled.child.id());
     println!("\n{}", rows.join("\n"));
@@ -298,6 +374,11 @@ async fn state(seconds: u64, concurrency: Vec<usize>, redis: String, keys: usize
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::State { seconds, concurrency, redis, keys } => state(seconds, concurrency, redis, keys).await,
+        Cmd::State {
+            seconds,
+            concurrency,
+            redis,
+            keys,
+        } => state(seconds, concurrency, redis, keys).await,
     }
 }

@@ -516,6 +516,14 @@ async fn redis_and_postgres_stores_from_component_yaml() {
             204
         );
         assert_eq!(s.value(store, &key).await, Some(json!({"store": store})));
+        let r = s
+            .save(
+                store,
+                json!([{"key": "ok", "value": 1}, {"key": "x||y", "value": 2}]),
+            )
+            .await;
+        assert_eq!(r.status(), 400, "{store}: keys with || are rejected");
+        assert_eq!(s.value(store, "ok").await, None, "{store}: nothing written");
     }
     // keyPrefix: name stores the key as `<store name>||<key>`.
     let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();

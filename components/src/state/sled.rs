@@ -40,7 +40,11 @@ struct SledTarget {
 
 impl wal::Target for SledTarget {
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        Ok(self.data.get(key).map_err(StateError::backend)?.map(|v| v.to_vec()))
+        Ok(self
+            .data
+            .get(key)
+            .map_err(StateError::backend)?
+            .map(|v| v.to_vec()))
     }
 
     fn apply(&self, key: &[u8], post: Option<&[u8]>) -> Result<(), StateError> {
@@ -50,11 +54,24 @@ impl wal::Target for SledTarget {
         }
         .map_err(StateError::backend)?;
         // The expiry index only steers the sweeper, which re-checks the record itself.
-        if let Some(exp) = old.as_deref().and_then(|o| decode(o).ok()).map(|o| o.expires_at_ms).filter(|e| *e != 0) {
-            self.ttl.remove(ttl_key(exp, key)).map_err(StateError::backend)?;
+        if let Some(exp) = old
+            .as_deref()
+            .and_then(|o| decode(o).ok())
+            .map(|o| o.expires_at_ms)
+            .filter(|e| *e != 0)
+        {
+            self.ttl
+                .remove(ttl_key(exp, key))
+                .map_err(StateError::backend)?;
         }
-        if let Some(exp) = post.and_then(|p| decode(p).ok()).map(|p| p.expires_at_ms).filter(|e| *e != 0) {
-            self.ttl.insert(ttl_key(exp, key), &[][..]).map_err(StateError::backend)?;
+        if let Some(exp) = post
+            .and_then(|p| decode(p).ok())
+            .map(|p| p.expires_at_ms)
+            .filter(|e| *e != 0)
+        {
+            self.ttl
+                .insert(ttl_key(exp, key), &[][..])
+                .map_err(StateError::backend)?;
         }
         Ok(())
     }
@@ -69,7 +86,10 @@ impl SledStore {
     /// inside a tokio runtime.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            StateError::Backend(format!("cannot create data directory {}: {e}", dir.display()))
+            StateError::Backend(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
         })?;
         let db = sled::Config::new()
             .path(dir.join("db"))
@@ -86,9 +106,17 @@ impl SledStore {
             tracing::info!(records = replayed, dir = %dir.display(), "replayed the write-ahead log");
         }
         let alive = Arc::new(());
-        spawn_sweeper(Arc::downgrade(&alive), target.data.clone(), target.ttl.clone());
+        spawn_sweeper(
+            Arc::downgrade(&alive),
+            target.data.clone(),
+            target.ttl.clone(),
+        );
         wal::spawn_checkpointer(Arc::downgrade(&alive), wal.clone());
-        Ok(SledStore { target, wal, _alive: alive })
+        Ok(SledStore {
+            target,
+            wal,
+            _alive: alive,
+        })
     }
 
     /// Number of live and not-yet-swept keys (for tests and metrics).
@@ -124,7 +152,11 @@ fn decode(raw: &[u8]) -> Result<Stored<'_>, StateError> {
     }
     let etag = u64::from_be_bytes(raw[0..8].try_into().expect("8 bytes"));
     let expires_at_ms = i64::from_be_bytes(raw[8..16].try_into().expect("8 bytes"));
-    Ok(Stored { etag, expires_at_ms, value: &raw[HEADER..] })
+    Ok(Stored {
+        etag,
+        expires_at_ms,
+        value: &raw[HEADER..],
+    })
 }
 
 fn encode(etag: u64, expires_at_ms: i64, value: &[u8]) -> Vec<u8> {
@@ -147,10 +179,20 @@ fn live(s: &Stored<'_>, now: i64) -> bool {
 }
 
 /// Checks one operation against the key's current raw record and returns its post-image.
-fn decide(op: &Op, current: Option<&[u8]>, etag: Option<u64>, expires_at_ms: i64, now: i64, next_id: u64) -> Result<Option<Vec<u8>>, StateError> {
+fn decide(
+    op: &Op,
+    current: Option<&[u8]>,
+    etag: Option<u64>,
+    expires_at_ms: i64,
+    now: i64,
+    next_id: u64,
+) -> Result<Option<Vec<u8>>, StateError> {
     let current = current.map(decode).transpose()?;
     let live_etag = current.as_ref().filter(|c| live(c, now)).map(|c| c.etag);
-    let mismatch = |reason| StateError::EtagMismatch { key: op.key().to_string(), reason };
+    let mismatch = |reason| StateError::EtagMismatch {
+        key: op.key().to_string(),
+        reason,
+    };
     match (etag, live_etag) {
         (Some(want), Some(have)) if want == have => {}
         (Some(_), Some(_)) => return Err(mismatch("the etag does not match the stored one")),
@@ -162,7 +204,11 @@ fn decide(op: &Op, current: Option<&[u8]>, etag: Option<u64>, expires_at_ms: i64
     }
     Ok(match op {
         // Strictly newer than anything this key had, so an old etag can never match again.
-        Op::Set(s) => Some(encode(current.as_ref().map_or(0, |c| c.etag).max(next_id) + 1, expires_at_ms, &s.value)),
+        Op::Set(s) => Some(encode(
+            current.as_ref().map_or(0, |c| c.etag).max(next_id) + 1,
+            expires_at_ms,
+            &s.value,
+        )),
         Op::Delete(_) => None,
     })
 }
@@ -173,7 +219,12 @@ impl StateStore for SledStore {
         // Reads and rejected writes finish without awaiting anything; the budget makes a caller
         // that loops on them yield, so the syncer that applies pending writes always gets to run.
         tokio::task::consume_budget().await;
-        let Some(raw) = self.target.data.get(key.as_bytes()).map_err(StateError::backend)? else {
+        let Some(raw) = self
+            .target
+            .data
+            .get(key.as_bytes())
+            .map_err(StateError::backend)?
+        else {
             return Ok(None);
         };
         let s = decode(&raw)?;

@@ -62,7 +62,9 @@ fn files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StateError> {
         Err(e) => return Err(io("cannot list the log directory", e)),
     };
     for e in entries {
-        let path = e.map_err(|e| io("cannot list the log directory", e))?.path();
+        let path = e
+            .map_err(|e| io("cannot list the log directory", e))?
+            .path();
         let gen = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -78,7 +80,9 @@ fn files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StateError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StateError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("cannot sync the log directory", e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("cannot sync the log directory", e))
 }
 
 /// Encodes one transaction's post-images as a record.
@@ -112,11 +116,15 @@ fn decode_records(buf: &[u8]) -> (Vec<Vec<Entry<'_>>>, usize) {
     while buf.len() - at >= 8 {
         let len = u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().expect("4 bytes"));
-        let Some(payload) = buf.get(at + 8..at + 8 + len) else { break };
+        let Some(payload) = buf.get(at + 8..at + 8 + len) else {
+            break;
+        };
         if crc32fast::hash(payload) != crc {
             break;
         }
-        let Some(entries) = decode_payload(payload) else { break };
+        let Some(entries) = decode_payload(payload) else {
+            break;
+        };
         out.push(entries);
         at += 8 + len;
     }
@@ -220,7 +228,13 @@ impl<T: Target> Wal<T> {
         let wal = Arc::new(Wal {
             dir: dir.to_path_buf(),
             target,
-            current: Mutex::new(Current { gen, file, bytes: 0, pending: Vec::new(), overlay: HashMap::new() }),
+            current: Mutex::new(Current {
+                gen,
+                file,
+                bytes: 0,
+                pending: Vec::new(),
+                overlay: HashMap::new(),
+            }),
             requested: AtomicU64::new(0),
             done: watch::Sender::new((0, None)),
             wake: Notify::new(),
@@ -237,10 +251,14 @@ impl<T: Target> Wal<T> {
     /// [`Wal::durable`].
     pub fn submit(
         &self,
-        decide: impl FnOnce(&dyn Fn(&[u8]) -> Result<Option<Vec<u8>>, StateError>) -> Result<Posts, StateError>,
+        decide: impl FnOnce(
+            &dyn Fn(&[u8]) -> Result<Option<Vec<u8>>, StateError>,
+        ) -> Result<Posts, StateError>,
     ) -> Result<u64, StateError> {
         if let Some(e) = self.failed.lock().expect("lock").clone() {
-            return Err(StateError::Backend(format!("store is read-only after a failed sync: {e}")));
+            return Err(StateError::Backend(format!(
+                "store is read-only after a failed sync: {e}"
+            )));
         }
         let mut cur = self.current.lock().expect("wal lock");
         let posts = {
@@ -252,7 +270,9 @@ impl<T: Target> Wal<T> {
             decide(&view)?
         };
         let rec = encode_record(posts.iter().map(|(k, p)| (k.as_slice(), p.as_deref())));
-        (&*cur.file).write_all(&rec).map_err(|e| io("append failed", e))?;
+        (&*cur.file)
+            .write_all(&rec)
+            .map_err(|e| io("append failed", e))?;
         cur.bytes += rec.len() as u64;
         let seq = self.requested.load(Ordering::Acquire) + 1;
         for (k, p) in &posts {
@@ -326,7 +346,9 @@ impl<T: Target> Wal<T> {
         })
         .await
         .map_err(StateError::backend)??;
-        let Some((old_gen, last_seq)) = rotated else { return Ok(()) };
+        let Some((old_gen, last_seq)) = rotated else {
+            return Ok(());
+        };
         self.wake.notify_one();
         let mut rx = self.done.subscribe();
         rx.wait_for(|(done, err)| *done >= last_seq || err.is_some())
@@ -338,7 +360,8 @@ impl<T: Target> Wal<T> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             me.target.flush()?;
-            std::fs::remove_file(me.dir.join(file_name(old_gen))).map_err(|e| io("cannot remove a checkpointed log file", e))
+            std::fs::remove_file(me.dir.join(file_name(old_gen)))
+                .map_err(|e| io("cannot remove a checkpointed log file", e))
         })
         .await
         .map_err(StateError::backend)?
@@ -402,7 +425,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn entries(r: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<Entry<'_>> {
-        r.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect()
+        r.iter()
+            .map(|(k, v)| (k.as_slice(), v.as_deref()))
+            .collect()
     }
 
     proptest! {

@@ -1,0 +1,33 @@
+//! The Tessera placement service: which actor host owns which actor.
+//!
+//! Replicas keep the membership of actor hosts in Raft (openraft, storage on sled); every committed
+//! change bumps the table version. Hosts keep a bidirectional stream to the leader: heartbeats up,
+//! lease acknowledgements and `(version, hosts)` tables down. A host that misses its lease is
+//! removed through Raft; a new leader waits one lease before removing anyone. Hosts compute owners
+//! locally from the table with [`ring::Rings`].
+//!
+//! # Layout
+//! - [`store`]: Raft log and membership state machine on sled.
+//! - [`network`]: Raft RPCs between replicas over gRPC.
+//! - [`server`]: the replica ([`server::Node`]): host sessions, change batching, lease expiry,
+//!   health, metrics and `/placement/state`; `run(listeners, shutdown)`.
+//! - [`client`]: what hosts use: keeps the latest table, follows the leader, never gives up.
+//! - [`ring`]: consistent-hash rings per actor type.
+
+pub mod client;
+pub mod network;
+pub mod ring;
+pub mod server;
+pub mod store;
+
+use std::io::Cursor;
+
+openraft::declare_raft_types!(
+    /// Raft types of the placement service.
+    pub TypeConfig:
+        D = store::Request,
+        R = store::Response,
+);
+
+/// A placement replica's Raft handle.
+pub type Raft = openraft::Raft<TypeConfig>;

@@ -1,0 +1,555 @@
+//! A placement replica: Raft, host sessions, batched membership changes, lease expiry, and the
+//! health / metrics / state endpoints.
+//!
+//! - Hosts connect to any replica; a follower answers with the leader's address and ends the
+//!   stream. On the leader, every heartbeat renews the host's liveness and is acknowledged with
+//!   the lease; the first one also asks for the host to be added if the table lacks it.
+//! - Changes are coalesced for a short window and committed as one Raft entry, so a rollout of
+//!   many hosts makes a few versions, not hundreds.
+//! - The leader removes a host (through Raft) once it has not heard from it for a lease. A new
+//!   leader first waits one full lease, so every live host has had time to reconnect.
+//! - Every replica publishes each committed table to its sessions; versions only grow.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::{BasicNode, ServerState};
+use proto::placement::placement_order::Order;
+use proto::placement::placement_server::{Placement, PlacementServer};
+use proto::placement::{
+    HeartbeatAck, HostInfo, HostReport, PlacementOrder, PlacementTable, RaftMessage,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::network::{self, Network};
+use crate::ring::{HostEntry, Table};
+use crate::store::{self, NodeId, Request, StateMachine};
+use crate::Raft;
+
+/// How a replica runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: NodeId,
+    /// The initial cluster: replica id -> gRPC address. One entry for a single-node placement.
+    pub peers: BTreeMap<NodeId, String>,
+    pub data_dir: PathBuf,
+    /// How long a host may go without a heartbeat before it is removed.
+    pub lease: Duration,
+    /// How long changes are collected before one Raft write.
+    pub coalesce: Duration,
+    /// Serve `GET /placement/state`.
+    pub metadata_enabled: bool,
+}
+
+impl Config {
+    pub fn single(data_dir: impl Into<PathBuf>, addr: String) -> Self {
+        Config {
+            id: 1,
+            peers: [(1, addr)].into(),
+            data_dir: data_dir.into(),
+            lease: Duration::from_secs(5),
+            coalesce: Duration::from_millis(20),
+            metadata_enabled: false,
+        }
+    }
+}
+
+/// Why a replica did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("placement storage: {0}")]
+    Storage(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+enum Change {
+    Upsert(HostEntry),
+    Remove(String),
+}
+
+/// One placement replica.
+pub struct Node {
+    pub raft: Raft,
+    sm: StateMachine,
+    table: watch::Receiver<Table>,
+    cfg: Config,
+    /// Last heartbeat of each host, as seen by this replica while it leads.
+    live: Mutex<HashMap<String, Instant>>,
+    /// When this replica became leader; `None` while it is not.
+    leader_since: Mutex<Option<Instant>>,
+    changes: mpsc::UnboundedSender<Change>,
+    shutdown: CancellationToken,
+}
+
+fn raft_config(lease: Duration) -> Result<Arc<openraft::Config>, Error> {
+    let cfg = openraft::Config {
+        cluster_name: "tessera-placement".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 500,
+        election_timeout_max: 1000,
+        install_snapshot_timeout: 2_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2_000),
+        max_in_snapshot_log_to_keep: 500,
+        ..Default::default()
+    };
+    // The lease must outlast an election, or hosts would be dropped during every failover.
+    if lease < Duration::from_millis(cfg.election_timeout_max * 2) {
+        return Err(Error::Config(format!(
+            "the host lease ({lease:?}) must be at least 2 s"
+        )));
+    }
+    cfg.validate()
+        .map(Arc::new)
+        .map_err(|e| Error::Config(e.to_string()))
+}
+
+fn to_info(h: &HostEntry) -> HostInfo {
+    HostInfo {
+        name: h.name.clone(),
+        app_id: h.app_id.clone(),
+        actor_types: h.actor_types.clone(),
+        namespace: h.namespace.clone(),
+    }
+}
+
+fn table_order(t: &Table) -> PlacementOrder {
+    PlacementOrder {
+        order: Some(Order::Table(PlacementTable {
+            version: t.version,
+            hosts: t.hosts.iter().map(to_info).collect(),
+        })),
+    }
+}
+
+impl Node {
+    /// Opens storage, starts Raft (initializing the cluster on first start) and the background
+    /// tasks. Stop them with [`Node::shutdown`].
+    pub async fn start(cfg: Config) -> Result<Arc<Node>, Error> {
+        if !cfg.peers.contains_key(&cfg.id) {
+            return Err(Error::Config(format!(
+                "--id {} is not in --initial-cluster",
+                cfg.id
+            )));
+        }
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::Storage(e.to_string()))?;
+        let (log, sm, table) =
+            store::open(&cfg.data_dir.join("raft")).map_err(|e| Error::Storage(e.to_string()))?;
+        let raft = Raft::new(cfg.id, raft_config(cfg.lease)?, Network, log, sm.clone())
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?;
+        if !raft
+            .is_initialized()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?
+        {
+            let members: BTreeMap<NodeId, BasicNode> = cfg
+                .peers
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            // Every replica proposes the same initial membership; openraft accepts that.
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(error = %e, "initialize skipped");
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let node = Arc::new(Node {
+            raft,
+            sm,
+            table,
+            cfg,
+            live: Mutex::new(HashMap::new()),
+            leader_since: Mutex::new(None),
+            changes: tx,
+            shutdown: CancellationToken::new(),
+        });
+        tokio::spawn(node.clone().track_leadership());
+        tokio::spawn(node.clone().batch_changes(rx));
+        tokio::spawn(node.clone().expire_leases());
+        Ok(node)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.cfg.id)
+    }
+
+    /// The leader's address, if one is known.
+    pub fn leader_addr(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+    }
+
+    /// The latest committed table on this replica.
+    pub fn table(&self) -> Table {
+        self.table.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Table> {
+        self.table.clone()
+    }
+
+    /// Stops the background tasks and Raft.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+
+    async fn track_leadership(self: Arc<Self>) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            let leading = metrics.borrow_and_update().state == ServerState::Leader;
+            {
+                let mut since = self.leader_since.lock().expect("lock");
+                match (leading, since.is_some()) {
+                    (true, false) => {
+                        tracing::info!(
+                            id = self.cfg.id,
+                            "became leader; waiting one lease before expiring hosts"
+                        );
+                        *since = Some(Instant::now());
+                        self.live.lock().expect("lock").clear();
+                    }
+                    (false, true) => {
+                        tracing::info!(id = self.cfg.id, "no longer leader");
+                        *since = None;
+                        self.live.lock().expect("lock").clear();
+                    }
+                    _ => {}
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = metrics.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// Collects changes for the coalescing window and commits each batch as one entry.
+    async fn batch_changes(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Change>) {
+        loop {
+            let first = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                c = rx.recv() => match c { Some(c) => c, None => return },
+            };
+            let mut pending: BTreeMap<String, Option<HostEntry>> = BTreeMap::new();
+            let add = |c: Change, p: &mut BTreeMap<String, Option<HostEntry>>| match c {
+                Change::Upsert(h) => {
+                    p.insert(h.name.clone(), Some(h));
+                }
+                Change::Remove(n) => {
+                    p.insert(n, None);
+                }
+            };
+            add(first, &mut pending);
+            let deadline = tokio::time::Instant::now() + self.cfg.coalesce;
+            while let Ok(Some(c)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                add(c, &mut pending);
+            }
+            while let Ok(c) = rx.try_recv() {
+                add(c, &mut pending);
+            }
+            if !self.is_leader() {
+                continue;
+            }
+            let current = self.sm.membership();
+            let mut upsert = Vec::new();
+            let mut remove = Vec::new();
+            for (name, change) in pending {
+                match change {
+                    Some(h) if current.hosts.get(&name) != Some(&h) => upsert.push(h),
+                    None if current.hosts.contains_key(&name) => remove.push(name),
+                    _ => {}
+                }
+            }
+            if upsert.is_empty() && remove.is_empty() {
+                continue;
+            }
+            let (added, removed) = (upsert.len(), remove.len());
+            match self
+                .raft
+                .client_write(Request::Change { upsert, remove })
+                .await
+            {
+                Ok(r) => tracing::info!(
+                    version = r.data.version,
+                    added,
+                    removed,
+                    "placement table changed"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "membership change not committed; hosts will retry")
+                }
+            }
+        }
+    }
+
+    /// Removes hosts whose lease ran out, once this replica has led for a full lease.
+    async fn expire_leases(self: Arc<Self>) {
+        let every = (self.cfg.lease / 10).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let since = *self.leader_since.lock().expect("lock");
+            let Some(since) = since else { continue };
+            if since.elapsed() < self.cfg.lease {
+                continue;
+            }
+            let live = self.live.lock().expect("lock").clone();
+            for name in self.sm.membership().hosts.keys() {
+                let expired = live.get(name).is_none_or(|t| t.elapsed() > self.cfg.lease);
+                if expired {
+                    tracing::info!(host = name, "host lease expired; removing it");
+                    let _ = self.changes.send(Change::Remove(name.clone()));
+                }
+            }
+        }
+    }
+
+    /// One host's session on this replica.
+    async fn session(
+        self: Arc<Self>,
+        mut inbound: tonic::Streaming<HostReport>,
+        tx: mpsc::Sender<Result<PlacementOrder, tonic::Status>>,
+    ) {
+        let mut tables = self.table.clone();
+        let mut metrics = self.raft.metrics();
+        let mut sent_version = None;
+        let lease_ms = self.cfg.lease.as_millis() as u64;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                msg = inbound.message() => {
+                    let report = match msg {
+                        Ok(Some(r)) => r,
+                        _ => return,
+                    };
+                    if !self.is_leader() {
+                        let _ = tx.send(Ok(PlacementOrder { order: Some(Order::Leader(self.leader_addr().unwrap_or_default())) })).await;
+                        return;
+                    }
+                    self.live.lock().expect("lock").insert(report.name.clone(), Instant::now());
+                    let ack = PlacementOrder { order: Some(Order::Ack(HeartbeatAck { seq: report.seq, lease_ms })) };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
+                    if sent_version.is_none() {
+                        let t = tables.borrow_and_update().clone();
+                        sent_version = Some(t.version);
+                        if tx.send(Ok(table_order(&t))).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Hosts without actor types read tables but never change them.
+                    if !report.actor_types.is_empty() {
+                        let mut types: Vec<String> = report.actor_types.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
+                        types.sort();
+                        let entry = HostEntry { name: report.name, app_id: report.app_id, actor_types: types, namespace: report.namespace };
+                        if self.sm.host(&entry.name).as_ref() != Some(&entry) {
+                            let _ = self.changes.send(Change::Upsert(entry));
+                        }
+                    }
+                }
+                r = tables.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let t = tables.borrow_and_update().clone();
+                    if sent_version.is_some_and(|v| t.version > v) {
+                        sent_version = Some(t.version);
+                        if tx.send(Ok(table_order(&t))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                r = metrics.changed() => {
+                    if r.is_err() || !self.is_leader() {
+                        let _ = tx.send(Ok(PlacementOrder { order: Some(Order::Leader(self.leader_addr().unwrap_or_default())) })).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `GET /placement/state`, as Dapr's placement reports it.
+    pub fn state_json(&self) -> serde_json::Value {
+        let m = self.raft.metrics().borrow().clone();
+        let t = self.table();
+        serde_json::json!({
+            "leader": m.current_leader == Some(self.cfg.id),
+            "term": m.current_term,
+            "tableVersion": t.version,
+            "hostList": t.hosts.iter().map(|h| serde_json::json!({
+                "name": h.name, "appId": h.app_id, "actorTypes": h.actor_types, "namespace": h.namespace,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Prometheus text metrics.
+    pub fn metrics_text(&self) -> String {
+        let m = self.raft.metrics().borrow().clone();
+        let t = self.table();
+        let connected = self.live.lock().expect("lock").len();
+        format!(
+            "# TYPE tessera_placement_leader gauge\ntessera_placement_leader {}\n\
+             # TYPE tessera_placement_term gauge\ntessera_placement_term {}\n\
+             # TYPE tessera_placement_table_version gauge\ntessera_placement_table_version {}\n\
+             # TYPE tessera_placement_members gauge\ntessera_placement_members {}\n\
+             # TYPE tessera_placement_live_hosts gauge\ntessera_placement_live_hosts {}\n\
+             # TYPE tessera_placement_last_applied_index gauge\ntessera_placement_last_applied_index {}\n",
+            u8::from(m.current_leader == Some(self.cfg.id)),
+            m.current_term,
+            t.version,
+            t.hosts.len(),
+            connected,
+            m.last_applied.map_or(0, |l| l.index),
+        )
+    }
+}
+
+/// The gRPC service of a replica.
+pub struct Service(pub Arc<Node>);
+
+#[tonic::async_trait]
+impl Placement for Service {
+    type ReportHostStream = ReceiverStream<Result<PlacementOrder, tonic::Status>>;
+
+    async fn report_host(
+        &self,
+        request: tonic::Request<tonic::Streaming<HostReport>>,
+    ) -> Result<tonic::Response<Self::ReportHostStream>, tonic::Status> {
+        let (tx, rx) = mpsc::channel(64);
+        let node = self.0.clone();
+        if !node.is_leader() {
+            let _ = tx
+                .send(Ok(PlacementOrder {
+                    order: Some(Order::Leader(node.leader_addr().unwrap_or_default())),
+                }))
+                .await;
+        } else {
+            tokio::spawn(node.session(request.into_inner(), tx));
+        }
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn raft(
+        &self,
+        request: tonic::Request<RaftMessage>,
+    ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+        network::handle(&self.0.raft, request.into_inner())
+            .await
+            .map(tonic::Response::new)
+    }
+}
+
+/// Serves a replica: gRPC (hosts and Raft) on `grpc`, health / metrics / state on `http`, until
+/// `shutdown` resolves.
+pub async fn run(
+    node: Arc<Node>,
+    grpc: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        s.cancel();
+    });
+    if let Some(http) = http {
+        let n = node.clone();
+        let st = stop.clone();
+        tokio::spawn(async move {
+            let app = health_router(n);
+            let _ = axum::serve(http, app)
+                .with_graceful_shutdown(async move { st.cancelled().await })
+                .await;
+        });
+    }
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let st = stop.clone();
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(PlacementServer::new(Service(node.clone())))
+        .serve_with_incoming_shutdown(incoming, async move { st.cancelled().await })
+        .await;
+    node.shutdown().await;
+    result.map_err(|e| Error::Raft(format!("gRPC server: {e}")))
+}
+
+fn health_router(node: Arc<Node>) -> axum::Router {
+    use axum::routing::get;
+    let metadata = node.cfg.metadata_enabled;
+    let mut r = axum::Router::new()
+        .route(
+            "/healthz",
+            get({
+                let n = node.clone();
+                move || async move {
+                    if n.raft.metrics().borrow().current_leader.is_some() {
+                        axum::http::StatusCode::OK
+                    } else {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get({
+                let n = node.clone();
+                move || async move { n.metrics_text() }
+            }),
+        );
+    if metadata {
+        r = r.route(
+            "/placement/state",
+            get(move || async move { axum::Json(node.state_json()) }),
+        );
+    }
+    r
+}
+
+/// Parses `1=127.0.0.1:50005,2=127.0.0.1:51005`.
+pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<NodeId, String>, Error> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| Error::Config(format!("{part:?} is not id=host:port")))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| Error::Config(format!("{id:?} is not a replica id")))?;
+        addr.trim()
+            .parse::<SocketAddr>()
+            .map_err(|_| Error::Config(format!("{addr:?} is not host:port")))?;
+        if out.insert(id, addr.trim().to_string()).is_some() {
+            return Err(Error::Config(format!("replica id {id} appears twice")));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Config("the initial cluster is empty".into()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,521 @@
+//! Raft storage for the placement service, on sled: the log store ([`LogStore`]) and the
+//! membership state machine ([`StateMachine`]) that openraft drives (storage-v2 traits).
+//!
+//! - Tree `log`: entry index (u64 BE) -> JSON entry. Tree `meta`: the vote, the last purged log
+//!   id and the committed log id. Every change is flushed before openraft is told it is done.
+//! - The state machine lives in memory (a few hundred bytes per host) and is snapshotted as JSON
+//!   into tree `snapshot`; on start it is restored from the snapshot and openraft re-applies the
+//!   log after it.
+//! - Every applied change that alters the membership bumps the table version and publishes the
+//!   new table on a watch channel, on every replica.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::ring::{HostEntry, Table};
+use crate::TypeConfig;
+
+pub type NodeId = u64;
+
+/// A change to the membership, as committed through Raft.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Add or update hosts and remove others, in one version.
+    Change {
+        upsert: Vec<HostEntry>,
+        remove: Vec<String>,
+    },
+}
+
+/// What applying a request produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The table version after the request.
+    pub version: u64,
+}
+
+/// The replicated membership: hosts by name and the table version.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub version: u64,
+    pub hosts: BTreeMap<String, HostEntry>,
+}
+
+impl Membership {
+    /// Applies a request; bumps the version only if something changed.
+    pub fn apply(&mut self, req: &Request) -> bool {
+        let Request::Change { upsert, remove } = req;
+        let mut changed = false;
+        for name in remove {
+            changed |= self.hosts.remove(name).is_some();
+        }
+        for h in upsert {
+            if self.hosts.get(&h.name) != Some(h) {
+                self.hosts.insert(h.name.clone(), h.clone());
+                changed = true;
+            }
+        }
+        if changed {
+            self.version += 1;
+        }
+        changed
+    }
+
+    pub fn table(&self) -> Table {
+        Table {
+            version: self.version,
+            hosts: self.hosts.values().cloned().collect(),
+        }
+    }
+}
+
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError<NodeId> {
+    StorageIOError::new(subject, verb, AnyError::new(&e)).into()
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    io_err(ErrorSubject::Store, ErrorVerb::Read, e)
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    io_err(ErrorSubject::Store, ErrorVerb::Write, e)
+}
+
+/// Opens the trees of one replica's storage.
+pub fn open(
+    dir: &std::path::Path,
+) -> Result<(LogStore, StateMachine, watch::Receiver<Table>), StorageError<NodeId>> {
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(16 << 20)
+        .open()
+        .map_err(read_err)?;
+    let log = LogStore {
+        db: db.clone(),
+        log: db.open_tree("log").map_err(read_err)?,
+        meta: db.open_tree("meta").map_err(read_err)?,
+    };
+    let snapshots = db.open_tree("snapshot").map_err(read_err)?;
+    let mut sm = SmState::default();
+    let mut current = None;
+    if let Some(raw) = snapshots.get("current").map_err(read_err)? {
+        let stored: StoredSnapshot = serde_json::from_slice(&raw).map_err(read_err)?;
+        sm = serde_json::from_slice(&stored.data).map_err(read_err)?;
+        current = Some(stored);
+    }
+    let (tx, rx) = watch::channel(sm.membership.table());
+    let machine = StateMachine {
+        inner: Arc::new(Mutex::new(sm)),
+        current: Arc::new(Mutex::new(current)),
+        db,
+        snapshots,
+        table: Arc::new(tx),
+    };
+    Ok((log, machine, rx))
+}
+
+/// The Raft log on sled.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl LogStore {
+    fn meta_get<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StorageError<NodeId>> {
+        match self.meta.get(key).map_err(read_err)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(read_err)?)),
+        }
+    }
+
+    async fn meta_put<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StorageError<NodeId>> {
+        self.meta
+            .insert(key, serde_json::to_vec(v).map_err(write_err)?)
+            .map_err(write_err)?;
+        self.db.flush_async().await.map_err(write_err)?;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        for item in self.log.range(start.to_be_bytes()..) {
+            let (k, v) = item.map_err(read_err)?;
+            let idx = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| read_err(std::io::Error::other("bad log key")))?,
+            );
+            if !range.contains(&idx) {
+                break;
+            }
+            out.push(serde_json::from_slice(&v).map_err(read_err)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let last_purged: Option<LogId<NodeId>> = self.meta_get("last_purged")?;
+        let last = match self.log.last().map_err(read_err)? {
+            Some((_, v)) => Some(
+                serde_json::from_slice::<Entry<TypeConfig>>(&v)
+                    .map_err(read_err)?
+                    .log_id,
+            ),
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.meta_put("vote", vote).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        self.meta_get("vote")
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        // Not flushed: losing it only means re-applying a little more after a crash.
+        self.meta
+            .insert(
+                "committed",
+                serde_json::to_vec(&committed).map_err(write_err)?,
+            )
+            .map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(self
+            .meta_get::<Option<LogId<NodeId>>>("committed")?
+            .flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // One insert per entry, in order (no sled batch: it takes a process-wide lock that sled's
+        // flush holds). A crash leaves a prefix of the entries, never a hole.
+        for e in entries {
+            self.log
+                .insert(
+                    e.log_id.index.to_be_bytes(),
+                    serde_json::to_vec(&e).map_err(write_err)?,
+                )
+                .map_err(write_err)?;
+        }
+        let res = self
+            .db
+            .flush_async()
+            .await
+            .map(drop)
+            .map_err(std::io::Error::other);
+        let failed = res.is_err();
+        callback.log_io_completed(res);
+        if failed {
+            return Err(write_err(std::io::Error::other("log flush failed")));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let keys: Vec<_> = self
+            .log
+            .range(log_id.index.to_be_bytes()..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(write_err)?;
+        for k in keys {
+            self.log.remove(k).map_err(write_err)?;
+        }
+        self.db.flush_async().await.map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.meta_put("last_purged", &log_id).await?;
+        let keys: Vec<_> = self
+            .log
+            .range(..=log_id.index.to_be_bytes())
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(write_err)?;
+        for k in keys {
+            self.log.remove(k).map_err(write_err)?;
+        }
+        self.db.flush_async().await.map_err(write_err)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SmState {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, openraft::BasicNode>,
+    membership: Membership,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+/// The membership state machine.
+#[derive(Clone)]
+pub struct StateMachine {
+    inner: Arc<Mutex<SmState>>,
+    current: Arc<Mutex<Option<StoredSnapshot>>>,
+    db: sled::Db,
+    snapshots: sled::Tree,
+    table: Arc<watch::Sender<Table>>,
+}
+
+impl StateMachine {
+    /// The current membership (for metrics and `/placement/state`).
+    pub fn membership(&self) -> Membership {
+        self.inner.lock().expect("sm lock").membership.clone()
+    }
+
+    /// One host's entry, without copying the whole membership.
+    pub fn host(&self, name: &str) -> Option<HostEntry> {
+        self.inner
+            .lock()
+            .expect("sm lock")
+            .membership
+            .hosts
+            .get(name)
+            .cloned()
+    }
+
+    async fn persist(&self, stored: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
+        let raw = serde_json::to_vec(stored).map_err(write_err)?;
+        self.snapshots.insert("current", raw).map_err(write_err)?;
+        self.db.flush_async().await.map_err(write_err)?;
+        *self.current.lock().expect("snapshot lock") = Some(stored.clone());
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let (data, last_applied, last_membership) = {
+            let sm = self.inner.lock().expect("sm lock");
+            (
+                serde_json::to_vec(&*sm).map_err(write_err)?,
+                sm.last_applied,
+                sm.last_membership.clone(),
+            )
+        };
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, rand::random::<u32>()),
+            None => format!("empty-{}", rand::random::<u32>()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        self.persist(&stored).await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<
+        (
+            Option<LogId<NodeId>>,
+            StoredMembership<NodeId, openraft::BasicNode>,
+        ),
+        StorageError<NodeId>,
+    > {
+        let sm = self.inner.lock().expect("sm lock");
+        Ok((sm.last_applied, sm.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut out = Vec::new();
+        let mut changed = false;
+        let table = {
+            let mut sm = self.inner.lock().expect("sm lock");
+            for e in entries {
+                sm.last_applied = Some(e.log_id);
+                match &e.payload {
+                    EntryPayload::Blank => {}
+                    EntryPayload::Normal(req) => changed |= sm.membership.apply(req),
+                    EntryPayload::Membership(m) => {
+                        sm.last_membership = StoredMembership::new(Some(e.log_id), m.clone())
+                    }
+                }
+                out.push(Response {
+                    version: sm.membership.version,
+                });
+            }
+            changed.then(|| sm.membership.table())
+        };
+        if let Some(t) = table {
+            self.table.send_replace(t);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let data = snapshot.into_inner();
+        let state: SmState = serde_json::from_slice(&data).map_err(|e| {
+            io_err(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Read,
+                e,
+            )
+        })?;
+        let table = state.membership.table();
+        {
+            let mut sm = self.inner.lock().expect("sm lock");
+            *sm = SmState {
+                last_applied: meta.last_log_id,
+                last_membership: meta.last_membership.clone(),
+                membership: state.membership,
+            };
+        }
+        self.persist(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .await?;
+        // Versions only grow: a snapshot never carries an older table than one already applied.
+        self.table.send_if_modified(|t| {
+            if table.version > t.version {
+                *t = table;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let cur = self.current.lock().expect("snapshot lock").clone();
+        Ok(cur.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, types: &[&str]) -> HostEntry {
+        HostEntry {
+            name: name.into(),
+            app_id: "app".into(),
+            actor_types: types.iter().map(|s| s.to_string()).collect(),
+            namespace: "default".into(),
+        }
+    }
+
+    #[test]
+    fn versions_bump_only_on_change() {
+        let mut m = Membership::default();
+        assert!(m.apply(&Request::Change {
+            upsert: vec![host("a", &["t"])],
+            remove: vec![]
+        }));
+        assert_eq!(m.version, 1);
+        assert!(!m.apply(&Request::Change {
+            upsert: vec![host("a", &["t"])],
+            remove: vec!["zz".into()]
+        }));
+        assert_eq!(m.version, 1);
+        assert!(m.apply(&Request::Change {
+            upsert: vec![host("b", &[])],
+            remove: vec!["a".into()]
+        }));
+        assert_eq!(m.version, 2);
+        assert_eq!(m.table().hosts.len(), 1);
+    }
+}
