@@ -46,6 +46,99 @@ enum Command {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Run a placement replica: the Raft-replicated service that tells actor hosts which host
+    /// owns which actor (like Dapr's `placement`).
+    ///
+    /// One replica alone by default; for a cluster start 3 (or 5) with the same
+    /// --initial-cluster and their own --id.
+    Placement(PlacementArgs),
+}
+
+#[derive(Args, Clone)]
+struct PlacementArgs {
+    /// This replica's id in --initial-cluster.
+    #[arg(long, default_value_t = 1)]
+    id: u64,
+    /// Every replica as id=host:port, comma-separated [default: <id>=127.0.0.1:<port>].
+    #[arg(long, value_name = "ID=ADDR,...")]
+    initial_cluster: Option<String>,
+    /// gRPC port for hosts and for Raft between replicas.
+    #[arg(long, default_value_t = 50005)]
+    port: u16,
+    /// Address the gRPC port listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    listen_address: std::net::IpAddr,
+    /// Port of GET /healthz, GET /metrics and (with --metadata-enabled) GET /placement/state.
+    #[arg(long, default_value_t = 8081)]
+    healthz_port: u16,
+    /// Where the Raft log and snapshots live [default: ~/.tessera/placement/<id>].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Serve GET /placement/state on the health port.
+    #[arg(long)]
+    metadata_enabled: bool,
+    /// How long a host may go without a heartbeat before it leaves the table (e.g. 5s, 2500ms).
+    #[arg(long, default_value = "5s")]
+    lease: String,
+    /// Log level: debug, info, warn or error (RUST_LOG overrides it).
+    #[arg(long, env = "DAPR_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+/// Parses `5s`, `2500ms`, `1m`.
+fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("invalid duration {s:?}: expected e.g. 5s or 2500ms"))?;
+    Ok(match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" | "" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n * 60),
+        other => bail!("invalid duration unit {other:?} in {s:?}: use ms, s or m"),
+    })
+}
+
+async fn run_placement(args: PlacementArgs) -> anyhow::Result<u8> {
+    let cluster = args
+        .initial_cluster
+        .clone()
+        .unwrap_or_else(|| format!("{}=127.0.0.1:{}", args.id, args.port));
+    let peers = placement::server::parse_initial_cluster(&cluster).context("--initial-cluster")?;
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
+            home.join(".tessera")
+                .join("placement")
+                .join(args.id.to_string())
+        }
+    };
+    let grpc_addr = SocketAddr::new(args.listen_address, args.port);
+    let grpc = tokio::net::TcpListener::bind(grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on {grpc_addr}: pick another --port"))?;
+    let http_addr = SocketAddr::new(args.listen_address, args.healthz_port);
+    let http = tokio::net::TcpListener::bind(http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {http_addr}: pick another --healthz-port"))?;
+    let cfg = placement::server::Config {
+        id: args.id,
+        peers,
+        data_dir,
+        lease: parse_duration(&args.lease).context("--lease")?,
+        coalesce: std::time::Duration::from_millis(20),
+        metadata_enabled: args.metadata_enabled,
+    };
+    let node = placement::server::Node::start(cfg).await?;
+    tracing::info!(id = args.id, %grpc_addr, %http_addr, "placement replica started");
+    placement::server::run(node, grpc, Some(http), signal()).await?;
+    tracing::info!("placement replica stopped");
+    Ok(0)
 }
 
 #[derive(Args, Clone)]
@@ -237,10 +330,11 @@ async fn signal() {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let args = match &cli.command {
-        Command::Run { host, .. } | Command::Host { host } => host.clone(),
+    let level = match &cli.command {
+        Command::Run { host, .. } | Command::Host { host } => host.log_level.clone(),
+        Command::Placement(p) => p.log_level.clone(),
     };
-    if let Err(e) = init_logging(&args.log_level) {
+    if let Err(e) = init_logging(&level) {
         eprintln!("error: {e:#}");
         return std::process::ExitCode::from(2);
     }
@@ -255,6 +349,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn real_main(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
+        Command::Placement(args) => run_placement(args).await,
         Command::Host { host: args } => {
             let (host, listeners) = start_host(&args, BTreeMap::new()).await?;
             let stop = host.shutdown_token();

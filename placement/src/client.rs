@@ -1,8 +1,9 @@
 //! The host side of placement: keeps a session with the leader, heartbeats, and holds the latest
 //! table and the lease.
 //!
-//! It tries the replicas in turn, follows `leader` redirects at once, backs off with jitter
-//! (50 ms doubling to 2 s) when nothing answers, and never gives up. Tables are accepted only
+//! It tries the replicas in turn, follows `leader` redirects at once, asks again every ~75 ms while
+//! an election runs, backs off with jitter (50 ms doubling to 2 s) only after every replica failed
+//! in a row, and never gives up. Tables are accepted only
 //! with a higher version than the one held, so versions seen by a host only grow. The lease is
 //! measured on the host's own clock from when it sent the heartbeat the leader acknowledged.
 
@@ -124,6 +125,14 @@ impl Client {
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Session {
     replicas: Vec<String>,
     reg: Registration,
@@ -135,27 +144,46 @@ struct Session {
 
 impl Session {
     async fn run(self) {
+        let n = self.replicas.len().max(1);
         let mut next = 0usize;
         let mut hint: Option<String> = None;
         let mut backoff = Duration::from_millis(50);
+        let mut failures_in_a_row = 0usize;
         loop {
             let addr = match hint.take() {
                 Some(a) => a,
                 None => {
                     next += 1;
-                    self.replicas[(next - 1) % self.replicas.len().max(1)].clone()
+                    self.replicas[(next - 1) % n].clone()
                 }
             };
             let started = Instant::now();
-            match self.session(&addr).await {
+            let ended = self.session(&addr).await;
+            if started.elapsed() > Duration::from_secs(5) {
+                // The session worked for a while: start over with quick retries.
+                backoff = Duration::from_millis(50);
+                failures_in_a_row = 0;
+            }
+            if matches!(ended, Ended::Redirect(_)) {
+                // A replica answered: the cluster is up, so no reason to slow down.
+                backoff = Duration::from_millis(50);
+                failures_in_a_row = 0;
+            }
+            match ended {
                 Ended::Redirect(leader) if !leader.is_empty() && leader != addr => {
                     hint = Some(leader);
                     continue;
                 }
-                _ => {}
+                // An election is under way: ask again shortly, without growing the backoff.
+                Ended::Redirect(_) => {
+                    tokio::time::sleep(Duration::from_millis(50 + rand::random_range(0..50))).await;
+                    continue;
+                }
+                Ended::Failed => failures_in_a_row += 1,
             }
-            if started.elapsed() > Duration::from_secs(5) {
-                backoff = Duration::from_millis(50);
+            // Try every replica once before backing off: a dead one fails fast.
+            if failures_in_a_row % n != 0 {
+                continue;
             }
             let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
             tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
@@ -204,9 +232,10 @@ impl Session {
                 }
             })
         };
-        let ended = self.read_orders(addr, &mut client, rx, &sent).await;
-        beat.abort();
-        ended
+        // Aborted however this future ends, including when the client is dropped mid-session:
+        // a dropped client must stop heartbeating, like a crashed host.
+        let _beat = AbortOnDrop(beat);
+        self.read_orders(addr, &mut client, rx, &sent).await
     }
 
     async fn read_orders(

@@ -75,6 +75,10 @@ pub struct Rings {
 }
 
 /// Ring of one actor type; node values are indices into `Rings::hosts`.
+///
+/// `'static` is the crate's unconstrained internal lifetime: its virtual nodes
+/// point into the ring's own node `Vec`, which is fine because rings are never
+/// mutated after construction (`take`/`take_if` are never called).
 type TypeRing = StaticHashRing<'static, HostKey, usize, StableHash>;
 
 impl Rings {

@@ -92,9 +92,9 @@ pub struct Node {
 fn raft_config(lease: Duration) -> Result<Arc<openraft::Config>, Error> {
     let cfg = openraft::Config {
         cluster_name: "tessera-placement".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 500,
-        election_timeout_max: 1000,
+        heartbeat_interval: 80,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
         install_snapshot_timeout: 2_000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2_000),
         max_in_snapshot_log_to_keep: 500,
@@ -399,6 +399,7 @@ impl Node {
             "leader": m.current_leader == Some(self.cfg.id),
             "term": m.current_term,
             "tableVersion": t.version,
+            "lastApplied": m.last_applied.map_or(0, |l| l.index),
             "hostList": t.hosts.iter().map(|h| serde_json::json!({
                 "name": h.name, "appId": h.app_id, "actorTypes": h.actor_types, "namespace": h.namespace,
             })).collect::<Vec<_>>(),

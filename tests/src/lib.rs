@@ -184,3 +184,104 @@ pub fn unique() -> String {
             .as_nanos()
     )
 }
+
+/// A `tessera placement` replica process.
+pub struct Replica {
+    pub id: u64,
+    pub port: u16,
+    pub http_port: u16,
+    pub data_dir: PathBuf,
+    pub cluster: String,
+    pub lease: String,
+    pub child: Option<Child>,
+}
+
+impl Replica {
+    /// Ports and directories for a cluster of `n` replicas (not started).
+    pub fn cluster(n: u64, dir: &Path, lease: &str) -> Vec<Replica> {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, (port, http_port))| Replica {
+                id: i as u64 + 1,
+                port,
+                http_port,
+                data_dir: dir.join(format!("replica-{}", i + 1)),
+                cluster: cluster.clone(),
+                lease: lease.to_string(),
+                child: None,
+            })
+            .collect()
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(tessera_bin())
+            .args([
+                "placement",
+                "--id",
+                &self.id.to_string(),
+                "--initial-cluster",
+                &self.cluster,
+            ])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--healthz-port",
+                &self.http_port.to_string(),
+            ])
+            .args(["--lease", &self.lease, "--metadata-enabled", "--data-dir"])
+            .arg(&self.data_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `GET /placement/state`, or `None` if the replica does not answer.
+    pub async fn state(&self, client: &reqwest::Client) -> Option<serde_json::Value> {
+        if self.child.is_none() {
+            return None;
+        }
+        let r = client
+            .get(format!(
+                "http://127.0.0.1:{}/placement/state",
+                self.http_port
+            ))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
