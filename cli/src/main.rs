@@ -133,6 +133,7 @@ async fn run_placement(args: PlacementArgs) -> anyhow::Result<u8> {
         lease: parse_duration(&args.lease).context("--lease")?,
         coalesce: std::time::Duration::from_millis(20),
         metadata_enabled: args.metadata_enabled,
+        dial: placement::network::tcp(),
     };
     let node = placement::server::Node::start(cfg).await?;
     tracing::info!(id = args.id, %grpc_addr, %http_addr, "placement replica started");

@@ -32,18 +32,16 @@ pub struct Registration {
 }
 
 /// Client settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     pub heartbeat: Duration,
-    pub connect_timeout: Duration,
+    /// How to reach the replicas.
+    pub dial: crate::network::Dial,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            heartbeat: Duration::from_secs(1),
-            connect_timeout: Duration::from_millis(500),
-        }
+        Options { heartbeat: Duration::from_secs(1), dial: crate::network::tcp() }
     }
 }
 
@@ -176,7 +174,7 @@ impl Session {
                 }
                 // An election is under way: ask again shortly, without growing the backoff.
                 Ended::Redirect(_) => {
-                    tokio::time::sleep(Duration::from_millis(50 + rand::random_range(0..50))).await;
+                    tokio::time::sleep(Duration::from_millis(50 + crate::runtime::random_u64() % 50)).await;
                     continue;
                 }
                 Ended::Failed => failures_in_a_row += 1,
@@ -185,22 +183,15 @@ impl Session {
             if failures_in_a_row % n != 0 {
                 continue;
             }
-            let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
+            let jitter = crate::runtime::random_u64() % (backoff.as_millis() as u64 / 2 + 1);
             tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 
     async fn session(&self, addr: &str) -> Ended {
-        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
-            return Ended::Failed;
-        };
-        let channel = match endpoint
-            .connect_timeout(self.opts.connect_timeout)
-            .tcp_nodelay(true)
-            .connect()
-            .await
-        {
+        // The channel is lazy: an unreachable replica fails the `report_host` call below.
+        let channel = match (self.opts.dial)(addr) {
             Ok(c) => c,
             Err(_) => return Ended::Failed,
         };
@@ -253,9 +244,10 @@ impl Session {
             Err(_) => return Ended::Failed,
         };
         loop {
-            // A leader that stops answering (partition, pause) ends the session after two leases
-            // worth of silence at most; heartbeats are acknowledged every second otherwise.
-            let msg = match tokio::time::timeout(self.opts.heartbeat * 5, inbound.message()).await {
+            // Heartbeats are acknowledged every interval: two and a half intervals of silence
+            // (a partition, a paused or crashed leader) end the session, well inside the lease a
+            // new leader grants before it removes anyone.
+            let msg = match tokio::time::timeout(self.opts.heartbeat * 5 / 2, inbound.message()).await {
                 Ok(Ok(Some(m))) => m,
                 _ => return Ended::Failed,
             };

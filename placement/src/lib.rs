@@ -13,10 +13,12 @@
 //!   health, metrics and `/placement/state`; `run(listeners, shutdown)`.
 //! - [`client`]: what hosts use: keeps the latest table, follows the leader, never gives up.
 //! - [`ring`]: consistent-hash rings per actor type.
+//! - [`runtime`]: tokio with a seedable random source, so simulations replay exactly.
 
 pub mod client;
 pub mod network;
 pub mod ring;
+pub mod runtime;
 pub mod server;
 pub mod store;
 
@@ -27,6 +29,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = store::Request,
         R = store::Response,
+        AsyncRuntime = runtime::Runtime,
 );
 
 /// A placement replica's Raft handle.

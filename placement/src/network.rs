@@ -1,6 +1,7 @@
 //! Raft RPCs between placement replicas: openraft's requests, JSON-encoded, over the `Raft` method
 //! of the placement gRPC service (the same port hosts use).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
@@ -21,19 +22,31 @@ use tonic::transport::{Channel, Endpoint};
 use crate::store::NodeId;
 use crate::{Raft, TypeConfig};
 
+/// Opens a (lazy) gRPC channel to `host:port`: plain TCP in production, simulated sockets in
+/// `sims/`.
+pub type Dial = Arc<dyn Fn(&str) -> Result<Channel, tonic::transport::Error> + Send + Sync>;
+
+/// Dials over TCP.
+pub fn tcp() -> Dial {
+    Arc::new(|addr: &str| {
+        Ok(Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect_lazy())
+    })
+}
+
 /// Creates one [`Peer`] per target replica.
-#[derive(Clone, Default)]
-pub struct Network;
+#[derive(Clone)]
+pub struct Network {
+    pub dial: Dial,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        Peer {
-            target,
-            addr: node.addr.clone(),
-            client: None,
-        }
+        Peer { target, addr: node.addr.clone(), dial: self.dial.clone(), client: None }
     }
 }
 
@@ -41,6 +54,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct Peer {
     target: NodeId,
     addr: String,
+    dial: Dial,
     client: Option<PlacementClient<Channel>>,
 }
 
@@ -49,11 +63,7 @@ impl Peer {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{}", self.addr))?
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let c = PlacementClient::new(ch);
+        let c = PlacementClient::new((self.dial)(&self.addr)?);
         self.client = Some(c.clone());
         Ok(c)
     }

@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use openraft::{BasicNode, ServerState};
 use proto::placement::placement_order::Order;
@@ -32,7 +34,7 @@ use crate::store::{self, NodeId, Request, StateMachine};
 use crate::Raft;
 
 /// How a replica runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub id: NodeId,
     /// The initial cluster: replica id -> gRPC address. One entry for a single-node placement.
@@ -44,6 +46,8 @@ pub struct Config {
     pub coalesce: Duration,
     /// Serve `GET /placement/state`.
     pub metadata_enabled: bool,
+    /// How to reach the other replicas.
+    pub dial: network::Dial,
 }
 
 impl Config {
@@ -55,6 +59,7 @@ impl Config {
             lease: Duration::from_secs(5),
             coalesce: Duration::from_millis(20),
             metadata_enabled: false,
+            dial: network::tcp(),
         }
     }
 }
@@ -83,18 +88,26 @@ pub struct Node {
     cfg: Config,
     /// Last heartbeat of each host, as seen by this replica while it leads.
     live: Mutex<HashMap<String, Instant>>,
+    /// [`Node::is_leader`], as a watch for host sessions.
+    leading: watch::Sender<bool>,
     /// When this replica became leader; `None` while it is not.
     leader_since: Mutex<Option<Instant>>,
     changes: mpsc::UnboundedSender<Change>,
     shutdown: CancellationToken,
 }
 
+/// How recently a quorum must have acknowledged the leader. A leader cut off for longer stops
+/// serving hosts, well inside the lease a new leader grants them before removing anyone.
+const QUORUM_FRESH_MS: u64 = 1000;
+
+const ELECTION_TIMEOUT_MAX_MS: u64 = 800;
+
 fn raft_config(lease: Duration) -> Result<Arc<openraft::Config>, Error> {
     let cfg = openraft::Config {
         cluster_name: "tessera-placement".into(),
         heartbeat_interval: 80,
         election_timeout_min: 400,
-        election_timeout_max: 800,
+        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
         install_snapshot_timeout: 2_000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2_000),
         max_in_snapshot_log_to_keep: 500,
@@ -133,16 +146,26 @@ impl Node {
     /// Opens storage, starts Raft (initializing the cluster on first start) and the background
     /// tasks. Stop them with [`Node::shutdown`].
     pub async fn start(cfg: Config) -> Result<Arc<Node>, Error> {
-        if !cfg.peers.contains_key(&cfg.id) {
-            return Err(Error::Config(format!(
-                "--id {} is not in --initial-cluster",
-                cfg.id
-            )));
-        }
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::Storage(e.to_string()))?;
-        let (log, sm, table) =
-            store::open(&cfg.data_dir.join("raft")).map_err(|e| Error::Storage(e.to_string()))?;
-        let raft = Raft::new(cfg.id, raft_config(cfg.lease)?, Network, log, sm.clone())
+        let opened = store::open(&cfg.data_dir.join("raft"));
+        Self::start_on(cfg, opened).await
+    }
+
+    /// [`Node::start`] on storage opened by the caller (a simulation's in-memory database).
+    pub async fn start_with_db(cfg: Config, db: sled::Db, durable: bool) -> Result<Arc<Node>, Error> {
+        Self::start_on(cfg, store::open_db(db, durable)).await
+    }
+
+    async fn start_on(
+        cfg: Config,
+        opened: Result<(store::LogStore, StateMachine, watch::Receiver<Table>), openraft::StorageError<NodeId>>,
+    ) -> Result<Arc<Node>, Error> {
+        if !cfg.peers.contains_key(&cfg.id) {
+            return Err(Error::Config(format!("--id {} is not in --initial-cluster", cfg.id)));
+        }
+        let (log, sm, table) = opened.map_err(|e| Error::Storage(e.to_string()))?;
+        let network = Network { dial: cfg.dial.clone() };
+        let raft = Raft::new(cfg.id, raft_config(cfg.lease)?, network, log, sm.clone())
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
         if !raft
@@ -162,6 +185,7 @@ impl Node {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let node = Arc::new(Node {
+            leading: watch::Sender::new(false),
             raft,
             sm,
             table,
@@ -181,8 +205,14 @@ impl Node {
         self.cfg.id
     }
 
+    /// Leader with a quorum that acknowledged it recently. A leader cut off from its followers
+    /// stops counting as one well before they can elect another, so hosts move on in time.
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.cfg.id)
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let alone = m.membership_config.membership().voter_ids().count() <= 1;
+        m.state == ServerState::Leader
+            && (alone || m.millis_since_quorum_ack.is_some_and(|ms| ms < QUORUM_FRESH_MS))
     }
 
     /// The leader's address, if one is known.
@@ -212,10 +242,34 @@ impl Node {
         }
     }
 
+    /// Keeps `leading` and `leader_since` in step with [`Node::is_leader`]; checked on every metrics
+    /// change and at least every 50 ms (an isolated leader's metrics may go quiet).
     async fn track_leadership(self: Arc<Self>) {
         let mut metrics = self.raft.metrics();
+        // openraft draws each replica's election timeout once and checks it on a coarse tick, so
+        // replicas that start together can time out on the same tick forever, each voting for
+        // itself. If no leader appears for two election timeouts, campaign once at a random
+        // instant: that breaks the tie.
+        let stall = Duration::from_millis(2 * ELECTION_TIMEOUT_MAX_MS);
+        let mut leaderless_since: Option<Instant> = None;
         loop {
-            let leading = metrics.borrow_and_update().state == ServerState::Leader;
+            let has_leader = metrics.borrow_and_update().current_leader.is_some();
+            match (has_leader, leaderless_since) {
+                (true, _) => leaderless_since = None,
+                (false, None) => leaderless_since = Some(Instant::now()),
+                (false, Some(t)) if t.elapsed() > stall => {
+                    let delay = Duration::from_millis(crate::runtime::random_u64() % ELECTION_TIMEOUT_MAX_MS);
+                    tokio::time::sleep(delay).await;
+                    if self.raft.metrics().borrow().current_leader.is_none() {
+                        tracing::info!(id = self.cfg.id, "no leader for a while; starting an election");
+                        let _ = self.raft.trigger().elect().await;
+                    }
+                    leaderless_since = Some(Instant::now());
+                }
+                _ => {}
+            }
+            let leading = self.is_leader();
+            self.leading.send_if_modified(|l| std::mem::replace(l, leading) != leading);
             {
                 let mut since = self.leader_since.lock().expect("lock");
                 match (leading, since.is_some()) {
@@ -238,6 +292,7 @@ impl Node {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 r = metrics.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
     }
@@ -332,7 +387,7 @@ impl Node {
         tx: mpsc::Sender<Result<PlacementOrder, tonic::Status>>,
     ) {
         let mut tables = self.table.clone();
-        let mut metrics = self.raft.metrics();
+        let mut leading = self.leading.subscribe();
         let mut sent_version = None;
         let lease_ms = self.cfg.lease.as_millis() as u64;
         loop {
@@ -381,8 +436,8 @@ impl Node {
                         }
                     }
                 }
-                r = metrics.changed() => {
-                    if r.is_err() || !self.is_leader() {
+                r = leading.changed() => {
+                    if r.is_err() || !*leading.borrow_and_update() {
                         let _ = tx.send(Ok(PlacementOrder { order: Some(Order::Leader(self.leader_addr().unwrap_or_default())) })).await;
                         return;
                     }
@@ -396,7 +451,7 @@ impl Node {
         let m = self.raft.metrics().borrow().clone();
         let t = self.table();
         serde_json::json!({
-            "leader": m.current_leader == Some(self.cfg.id),
+            "leader": self.is_leader(),
             "term": m.current_term,
             "tableVersion": t.version,
             "lastApplied": m.last_applied.map_or(0, |l| l.index),
@@ -488,11 +543,26 @@ pub async fn run(
         });
     }
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
-    let st = stop.clone();
+    serve(node, incoming, async move { stop.cancelled().await }).await
+}
+
+/// Serves the gRPC side of a replica on any stream of connections (simulated ones in `sims/`)
+/// until `shutdown`, then stops the replica.
+pub async fn serve<I, IO, IE>(
+    node: Arc<Node>,
+    incoming: I,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(PlacementServer::new(Service(node.clone())))
-        .serve_with_incoming_shutdown(incoming, async move { st.cancelled().await })
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     node.shutdown().await;
     result.map_err(|e| Error::Raft(format!("gRPC server: {e}")))

@@ -105,7 +105,18 @@ pub fn open(
         .cache_capacity(16 << 20)
         .open()
         .map_err(read_err)?;
+    open_db(db, true)
+}
+
+/// Opens the trees in an already open database. `durable: false` skips flushes: for an in-memory
+/// database in a simulation, where the database outlives a simulated crash and so models a disk
+/// that never loses a write.
+pub fn open_db(
+    db: sled::Db,
+    durable: bool,
+) -> Result<(LogStore, StateMachine, watch::Receiver<Table>), StorageError<NodeId>> {
     let log = LogStore {
+        durable,
         db: db.clone(),
         log: db.open_tree("log").map_err(read_err)?,
         meta: db.open_tree("meta").map_err(read_err)?,
@@ -122,6 +133,7 @@ pub fn open(
     let machine = StateMachine {
         inner: Arc::new(Mutex::new(sm)),
         current: Arc::new(Mutex::new(current)),
+        durable,
         db,
         snapshots,
         table: Arc::new(tx),
@@ -129,9 +141,17 @@ pub fn open(
     Ok((log, machine, rx))
 }
 
+async fn flush(db: &sled::Db, durable: bool) -> Result<(), StorageError<NodeId>> {
+    if durable {
+        db.flush_async().await.map_err(write_err)?;
+    }
+    Ok(())
+}
+
 /// The Raft log on sled.
 #[derive(Clone)]
 pub struct LogStore {
+    durable: bool,
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
@@ -152,7 +172,7 @@ impl LogStore {
         self.meta
             .insert(key, serde_json::to_vec(v).map_err(write_err)?)
             .map_err(write_err)?;
-        self.db.flush_async().await.map_err(write_err)?;
+        flush(&self.db, self.durable).await?;
         Ok(())
     }
 }
@@ -279,7 +299,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for k in keys {
             self.log.remove(k).map_err(write_err)?;
         }
-        self.db.flush_async().await.map_err(write_err)?;
+        flush(&self.db, self.durable).await?;
         Ok(())
     }
 
@@ -294,7 +314,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for k in keys {
             self.log.remove(k).map_err(write_err)?;
         }
-        self.db.flush_async().await.map_err(write_err)?;
+        flush(&self.db, self.durable).await?;
         Ok(())
     }
 }
@@ -317,6 +337,7 @@ struct StoredSnapshot {
 pub struct StateMachine {
     inner: Arc<Mutex<SmState>>,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
+    durable: bool,
     db: sled::Db,
     snapshots: sled::Tree,
     table: Arc<watch::Sender<Table>>,
@@ -342,7 +363,7 @@ impl StateMachine {
     async fn persist(&self, stored: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
         let raw = serde_json::to_vec(stored).map_err(write_err)?;
         self.snapshots.insert("current", raw).map_err(write_err)?;
-        self.db.flush_async().await.map_err(write_err)?;
+        flush(&self.db, self.durable).await?;
         *self.current.lock().expect("snapshot lock") = Some(stored.clone());
         Ok(())
     }
@@ -359,8 +380,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             )
         };
         let snapshot_id = match last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, rand::random::<u32>()),
-            None => format!("empty-{}", rand::random::<u32>()),
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, crate::runtime::random_u64() as u32),
+            None => format!("empty-{}", crate::runtime::random_u64() as u32),
         };
         let meta = SnapshotMeta {
             last_log_id: last_applied,
