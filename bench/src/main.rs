@@ -414,10 +414,17 @@ fn registration(i: usize, tag: &str) -> placement::client::Registration {
     }
 }
 
-async fn wait_all(clients: &[placement::client::Client], version_at_least: u64, deadline: Duration) -> anyhow::Result<Duration> {
+async fn wait_all(
+    clients: &[placement::client::Client],
+    version_at_least: u64,
+    deadline: Duration,
+) -> anyhow::Result<Duration> {
     let t = Instant::now();
     loop {
-        if clients.iter().all(|c| c.table().version >= version_at_least) {
+        if clients
+            .iter()
+            .all(|c| c.table().version >= version_at_least)
+        {
             return Ok(t.elapsed());
         }
         if t.elapsed() > deadline {
@@ -431,13 +438,32 @@ async fn placement_bench(host_counts: Vec<usize>, changes: usize) -> anyhow::Res
     use placement::client::{Client, Options};
     let dir = tempfile::tempdir()?;
     let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let cluster = ports.iter().enumerate().map(|(i, (p, _))| format!("{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",");
+    let cluster = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut children = Vec::new();
     for (i, (p, h)) in ports.iter().enumerate() {
         children.push(
             Command::new(tessera_bin()?)
-                .args(["placement", "--id", &(i + 1).to_string(), "--initial-cluster", &cluster, "--log-level", "warn"])
-                .args(["--port", &p.to_string(), "--healthz-port", &h.to_string(), "--data-dir"])
+                .args([
+                    "placement",
+                    "--id",
+                    &(i + 1).to_string(),
+                    "--initial-cluster",
+                    &cluster,
+                    "--log-level",
+                    "warn",
+                ])
+                .args([
+                    "--port",
+                    &p.to_string(),
+                    "--healthz-port",
+                    &h.to_string(),
+                    "--data-dir",
+                ])
                 .arg(dir.path().join(format!("r{i}")))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -445,7 +471,10 @@ async fn placement_bench(host_counts: Vec<usize>, changes: usize) -> anyhow::Res
         );
     }
     let _replicas = Replicas(children);
-    let addrs: Vec<String> = ports.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+    let addrs: Vec<String> = ports
+        .iter()
+        .map(|(p, _)| format!("127.0.0.1:{p}"))
+        .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!("| hosts | changes | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|");
     let mut tag = 0usize;
@@ -453,15 +482,29 @@ async fn placement_bench(host_counts: Vec<usize>, changes: usize) -> anyhow::Res
         tag += 1;
         let t = Instant::now();
         let clients: Vec<Client> = (0..n)
-            .map(|i| Client::spawn(addrs.clone(), registration(i, &format!("-{tag}")), Options::default()))
+            .map(|i| {
+                Client::spawn(
+                    addrs.clone(),
+                    registration(i, &format!("-{tag}")),
+                    Options::default(),
+                )
+            })
             .collect();
-        wait_until(|| clients.iter().all(|c| c.table().hosts.len() >= n), Duration::from_secs(60)).await?;
+        wait_until(
+            || clients.iter().all(|c| c.table().hosts.len() >= n),
+            Duration::from_secs(60),
+        )
+        .await?;
         let joined = t.elapsed();
         let mut lat = Vec::new();
         for k in 0..changes {
             let before = clients.iter().map(|c| c.table().version).max().unwrap_or(0);
             let start = Instant::now();
-            let extra = Client::spawn(addrs.clone(), registration(900_000 + k, &format!("-x{tag}")), Options::default());
+            let extra = Client::spawn(
+                addrs.clone(),
+                registration(900_000 + k, &format!("-x{tag}")),
+                Options::default(),
+            );
             let took = wait_all(&clients, before + 1, Duration::from_secs(30)).await?;
             lat.push(start.elapsed().max(took));
             drop(extra);
@@ -469,7 +512,12 @@ async fn placement_bench(host_counts: Vec<usize>, changes: usize) -> anyhow::Res
         }
         lat.sort();
         let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
-        println!("| {n} | {changes} | {:.1} | {:.1} | {:.1} |", pct(0.5), pct(0.99), lat.last().unwrap().as_secs_f64() * 1e3);
+        println!(
+            "| {n} | {changes} | {:.1} | {:.1} | {:.1} |",
+            pct(0.5),
+            pct(0.99),
+            lat.last().unwrap().as_secs_f64() * 1e3
+        );
         eprintln!("{n} hosts joined (first table with all of them everywhere) in {joined:?}");
         drop(clients);
         // Let the lease remove them before the next size.
@@ -478,8 +526,22 @@ async fn placement_bench(host_counts: Vec<usize>, changes: usize) -> anyhow::Res
     // Commit rate: a burst of joins, timed from the first registration to the table holding all.
     let burst = 2000;
     let t = Instant::now();
-    let clients: Vec<Client> = (0..burst).map(|i| Client::spawn(addrs.clone(), registration(i, "-burst"), Options::default())).collect();
-    wait_until(|| clients[0].table().hosts.iter().filter(|h| h.name.ends_with("-burst")).count() >= burst, Duration::from_secs(60)).await?;
+    let clients: Vec<Client> = (0..burst)
+        .map(|i| Client::spawn(addrs.clone(), registration(i, "-burst"), Options::default()))
+        .collect();
+    wait_until(
+        || {
+            clients[0]
+                .table()
+                .hosts
+                .iter()
+                .filter(|h| h.name.ends_with("-burst"))
+                .count()
+                >= burst
+        },
+        Duration::from_secs(60),
+    )
+    .await?;
     let took = t.elapsed();
     let v = clients[0].table().version;
     println!("\n{burst} joins committed in {took:?}: {:.0} membership changes/s, in {} table versions at most (version now {v})", burst as f64 / took.as_secs_f64(), v);

@@ -41,7 +41,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { heartbeat: Duration::from_secs(1), dial: crate::network::tcp() }
+        Options {
+            heartbeat: Duration::from_secs(1),
+            dial: crate::network::tcp(),
+        }
     }
 }
 
@@ -174,13 +177,16 @@ impl Session {
                 }
                 // An election is under way: ask again shortly, without growing the backoff.
                 Ended::Redirect(_) => {
-                    tokio::time::sleep(Duration::from_millis(50 + crate::runtime::random_u64() % 50)).await;
+                    tokio::time::sleep(Duration::from_millis(
+                        50 + crate::runtime::random_u64() % 50,
+                    ))
+                    .await;
                     continue;
                 }
                 Ended::Failed => failures_in_a_row += 1,
             }
             // Try every replica once before backing off: a dead one fails fast.
-            if failures_in_a_row % n != 0 {
+            if !failures_in_a_row.is_multiple_of(n) {
                 continue;
             }
             let jitter = crate::runtime::random_u64() % (backoff.as_millis() as u64 / 2 + 1);
@@ -247,10 +253,11 @@ impl Session {
             // Heartbeats are acknowledged every interval: two and a half intervals of silence
             // (a partition, a paused or crashed leader) end the session, well inside the lease a
             // new leader grants before it removes anyone.
-            let msg = match tokio::time::timeout(self.opts.heartbeat * 5 / 2, inbound.message()).await {
-                Ok(Ok(Some(m))) => m,
-                _ => return Ended::Failed,
-            };
+            let msg =
+                match tokio::time::timeout(self.opts.heartbeat * 5 / 2, inbound.message()).await {
+                    Ok(Ok(Some(m))) => m,
+                    _ => return Ended::Failed,
+                };
             match msg.order {
                 Some(Order::Table(t)) => {
                     let table = Table {

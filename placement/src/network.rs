@@ -46,7 +46,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        Peer { target, addr: node.addr.clone(), dial: self.dial.clone(), client: None }
+        Peer {
+            target,
+            addr: node.addr.clone(),
+            dial: self.dial.clone(),
+            client: None,
+        }
     }
 }
 

@@ -152,19 +152,31 @@ impl Node {
     }
 
     /// [`Node::start`] on storage opened by the caller (a simulation's in-memory database).
-    pub async fn start_with_db(cfg: Config, db: sled::Db, durable: bool) -> Result<Arc<Node>, Error> {
+    pub async fn start_with_db(
+        cfg: Config,
+        db: sled::Db,
+        durable: bool,
+    ) -> Result<Arc<Node>, Error> {
         Self::start_on(cfg, store::open_db(db, durable)).await
     }
 
     async fn start_on(
         cfg: Config,
-        opened: Result<(store::LogStore, StateMachine, watch::Receiver<Table>), openraft::StorageError<NodeId>>,
+        opened: Result<
+            (store::LogStore, StateMachine, watch::Receiver<Table>),
+            openraft::StorageError<NodeId>,
+        >,
     ) -> Result<Arc<Node>, Error> {
         if !cfg.peers.contains_key(&cfg.id) {
-            return Err(Error::Config(format!("--id {} is not in --initial-cluster", cfg.id)));
+            return Err(Error::Config(format!(
+                "--id {} is not in --initial-cluster",
+                cfg.id
+            )));
         }
         let (log, sm, table) = opened.map_err(|e| Error::Storage(e.to_string()))?;
-        let network = Network { dial: cfg.dial.clone() };
+        let network = Network {
+            dial: cfg.dial.clone(),
+        };
         let raft = Raft::new(cfg.id, raft_config(cfg.lease)?, network, log, sm.clone())
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
@@ -212,7 +224,9 @@ impl Node {
         let m = m.borrow();
         let alone = m.membership_config.membership().voter_ids().count() <= 1;
         m.state == ServerState::Leader
-            && (alone || m.millis_since_quorum_ack.is_some_and(|ms| ms < QUORUM_FRESH_MS))
+            && (alone
+                || m.millis_since_quorum_ack
+                    .is_some_and(|ms| ms < QUORUM_FRESH_MS))
     }
 
     /// The leader's address, if one is known.
@@ -258,10 +272,15 @@ impl Node {
                 (true, _) => leaderless_since = None,
                 (false, None) => leaderless_since = Some(Instant::now()),
                 (false, Some(t)) if t.elapsed() > stall => {
-                    let delay = Duration::from_millis(crate::runtime::random_u64() % ELECTION_TIMEOUT_MAX_MS);
+                    let delay = Duration::from_millis(
+                        crate::runtime::random_u64() % ELECTION_TIMEOUT_MAX_MS,
+                    );
                     tokio::time::sleep(delay).await;
                     if self.raft.metrics().borrow().current_leader.is_none() {
-                        tracing::info!(id = self.cfg.id, "no leader for a while; starting an election");
+                        tracing::info!(
+                            id = self.cfg.id,
+                            "no leader for a while; starting an election"
+                        );
                         let _ = self.raft.trigger().elect().await;
                     }
                     leaderless_since = Some(Instant::now());
@@ -269,7 +288,8 @@ impl Node {
                 _ => {}
             }
             let leading = self.is_leader();
-            self.leading.send_if_modified(|l| std::mem::replace(l, leading) != leading);
+            self.leading
+                .send_if_modified(|l| std::mem::replace(l, leading) != leading);
             {
                 let mut since = self.leader_since.lock().expect("lock");
                 match (leading, since.is_some()) {
@@ -455,6 +475,7 @@ impl Node {
             "term": m.current_term,
             "tableVersion": t.version,
             "lastApplied": m.last_applied.map_or(0, |l| l.index),
+            "quorumAckMs": m.millis_since_quorum_ack,
             "hostList": t.hosts.iter().map(|h| serde_json::json!({
                 "name": h.name, "appId": h.app_id, "actorTypes": h.actor_types, "namespace": h.namespace,
             })).collect::<Vec<_>>(),
@@ -555,7 +576,12 @@ pub async fn serve<I, IO, IE>(
 ) -> Result<(), Error>
 where
     I: tokio_stream::Stream<Item = Result<IO, IE>>,
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
     IO::ConnectInfo: Clone + Send + Sync + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {

@@ -9,6 +9,10 @@
 //! - Every applied change that alters the membership bumps the table version and publishes the
 //!   new table on a watch channel, on every replica.
 
+// openraft's storage traits fix the error type (`StorageError`, ~200 bytes); our helpers return
+// the same type so `?` carries it through unchanged.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -380,7 +384,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             )
         };
         let snapshot_id = match last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, crate::runtime::random_u64() as u32),
+            Some(l) => format!(
+                "{}-{}-{}",
+                l.leader_id,
+                l.index,
+                crate::runtime::random_u64() as u32
+            ),
             None => format!("empty-{}", crate::runtime::random_u64() as u32),
         };
         let meta = SnapshotMeta {

@@ -21,7 +21,11 @@ pub fn dial() -> Dial {
             .connect_timeout(Duration::from_millis(500))
             .connect_with_connector_lazy(tower::service_fn(move |_uri| {
                 let target = target.clone();
-                async move { turmoil::net::TcpStream::connect(target).await.map(TokioIo::new) }
+                async move {
+                    turmoil::net::TcpStream::connect(target)
+                        .await
+                        .map(TokioIo::new)
+                }
             })))
     })
 }
@@ -36,13 +40,21 @@ impl Connected for Io {
 }
 
 impl AsyncRead for Io {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Io {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
@@ -55,7 +67,8 @@ impl AsyncWrite for Io {
     }
 }
 
-type Accept = Pin<Box<dyn Future<Output = io::Result<(turmoil::net::TcpStream, std::net::SocketAddr)>>>>;
+type Accept =
+    Pin<Box<dyn Future<Output = io::Result<(turmoil::net::TcpStream, std::net::SocketAddr)>>>>;
 
 /// The connections accepted on a simulated listener, as a stream.
 pub struct Incoming {
@@ -65,7 +78,10 @@ pub struct Incoming {
 
 impl Incoming {
     pub fn new(listener: turmoil::net::TcpListener) -> Self {
-        Incoming { listener: Arc::new(listener), pending: None }
+        Incoming {
+            listener: Arc::new(listener),
+            pending: None,
+        }
     }
 }
 
@@ -74,7 +90,9 @@ impl tokio_stream::Stream for Incoming {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let listener = self.listener.clone();
-        let fut = self.pending.get_or_insert_with(|| Box::pin(async move { listener.accept().await }));
+        let fut = self
+            .pending
+            .get_or_insert_with(|| Box::pin(async move { listener.accept().await }));
         match fut.as_mut().poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(r) => {

@@ -71,11 +71,24 @@ impl Xorshift {
     }
 }
 
+/// Reverts a fault at its due time.
+type Undo = Box<dyn Fn(&mut turmoil::Sim<'_>)>;
+
 #[derive(Debug, Clone)]
 enum Fault {
-    KillLeader { down: Duration },
-    Partition { replica: usize, for_: Duration },
-    Lossy { a: usize, b: usize, rate_pct: u64, for_: Duration },
+    KillLeader {
+        down: Duration,
+    },
+    Partition {
+        replica: usize,
+        for_: Duration,
+    },
+    Lossy {
+        a: usize,
+        b: usize,
+        rate_pct: u64,
+        for_: Duration,
+    },
 }
 
 /// Runs one seed. `Err` names the violated invariant.
@@ -93,10 +106,16 @@ pub fn run(seed: u64) -> Result<Report, String> {
         last: vec![None; HOSTS],
         ..Default::default()
     }));
-    let peers: BTreeMap<u64, String> = (0..REPLICAS).map(|i| (i as u64 + 1, format!("{}:{PORT}", replica(i)))).collect();
+    let peers: BTreeMap<u64, String> = (0..REPLICAS)
+        .map(|i| (i as u64 + 1, format!("{}:{PORT}", replica(i))))
+        .collect();
     for i in 0..REPLICAS {
         // The database outlives crashes of its replica: a disk that keeps every write.
-        let db = sled::Config::new().temporary(true).flush_every_ms(None).open().map_err(|e| e.to_string())?;
+        let db = sled::Config::new()
+            .temporary(true)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| e.to_string())?;
         let (peers, obs) = (peers.clone(), obs.clone());
         sim.host(replica(i), move || {
             let (db, peers, obs) = (db.clone(), peers.clone(), obs.clone());
@@ -113,7 +132,12 @@ pub fn run(seed: u64) -> Result<Report, String> {
                 let node = Node::start_with_db(cfg, db, false).await?;
                 tokio::spawn(watch_leadership(node.clone(), obs));
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
-                placement::server::serve(node, net::Incoming::new(listener), std::future::pending()).await?;
+                placement::server::serve(
+                    node,
+                    net::Incoming::new(listener),
+                    std::future::pending(),
+                )
+                .await?;
                 Ok(())
             }
         });
@@ -162,21 +186,34 @@ pub fn run(seed: u64) -> Result<Report, String> {
     let mut t = FAULTS_FROM;
     while t < FAULTS_UNTIL {
         let fault = match rng.range(0, 3) {
-            0 => Fault::KillLeader { down: Duration::from_millis(rng.range(500, 4000)) },
-            1 => Fault::Partition { replica: rng.range(0, REPLICAS as u64) as usize, for_: Duration::from_millis(rng.range(1000, 5000)) },
+            0 => Fault::KillLeader {
+                down: Duration::from_millis(rng.range(500, 4000)),
+            },
+            1 => Fault::Partition {
+                replica: rng.range(0, REPLICAS as u64) as usize,
+                for_: Duration::from_millis(rng.range(1000, 5000)),
+            },
             _ => {
                 let a = rng.range(0, REPLICAS as u64) as usize;
                 let b = (a + 1 + rng.range(0, REPLICAS as u64 - 1) as usize) % REPLICAS;
-                Fault::Lossy { a, b, rate_pct: rng.range(10, 60), for_: Duration::from_millis(rng.range(1000, 4000)) }
+                Fault::Lossy {
+                    a,
+                    b,
+                    rate_pct: rng.range(10, 60),
+                    for_: Duration::from_millis(rng.range(1000, 4000)),
+                }
             }
         };
         schedule.push((t, fault));
         t += Duration::from_millis(rng.range(1500, 5000));
     }
-    let faults: Vec<String> = schedule.iter().map(|(t, f)| format!("{:.1}s {f:?}", t.as_secs_f64())).collect();
+    let faults: Vec<String> = schedule
+        .iter()
+        .map(|(t, f)| format!("{:.1}s {f:?}", t.as_secs_f64()))
+        .collect();
 
     // Undo actions: (time, what).
-    let mut undo: Vec<(Duration, Box<dyn Fn(&mut turmoil::Sim<'_>)>)> = Vec::new();
+    let mut undo: Vec<(Duration, Undo)> = Vec::new();
     let mut down: BTreeSet<usize> = BTreeSet::new();
     let mut healed = false;
     let mut next = 0;
@@ -190,18 +227,36 @@ pub fn run(seed: u64) -> Result<Report, String> {
                         sim.crash(replica(l));
                         down.insert(l);
                         obs.lock().expect("lock").leader = None;
-                        undo.push((now + d, Box::new(move |s: &mut turmoil::Sim<'_>| s.bounce(replica(l)))));
+                        undo.push((
+                            now + d,
+                            Box::new(move |s: &mut turmoil::Sim<'_>| s.bounce(replica(l))),
+                        ));
                     }
                 }
                 Fault::Partition { replica: r, for_ } => {
                     for o in (0..REPLICAS).filter(|o| *o != r) {
                         sim.partition(replica(r), replica(o));
-                        undo.push((now + for_, Box::new(move |s: &mut turmoil::Sim<'_>| s.repair(replica(r), replica(o)))));
+                        undo.push((
+                            now + for_,
+                            Box::new(move |s: &mut turmoil::Sim<'_>| {
+                                s.repair(replica(r), replica(o))
+                            }),
+                        ));
                     }
                 }
-                Fault::Lossy { a, b, rate_pct, for_ } => {
+                Fault::Lossy {
+                    a,
+                    b,
+                    rate_pct,
+                    for_,
+                } => {
                     sim.set_link_fail_rate(replica(a), replica(b), rate_pct as f64 / 100.0);
-                    undo.push((now + for_, Box::new(move |s: &mut turmoil::Sim<'_>| s.set_link_fail_rate(replica(a), replica(b), 0.0))));
+                    undo.push((
+                        now + for_,
+                        Box::new(move |s: &mut turmoil::Sim<'_>| {
+                            s.set_link_fail_rate(replica(a), replica(b), 0.0)
+                        }),
+                    ));
                 }
             }
             next += 1;
@@ -234,7 +289,12 @@ pub fn run(seed: u64) -> Result<Report, String> {
     }
 
     let o = obs.lock().expect("lock");
-    check(seed, &o).map_err(|e| format!("{e}\n  faults: {faults:?}\n  leaders by term: {:?}", o.leaders))?;
+    check(seed, &o).map_err(|e| {
+        format!(
+            "{e}\n  faults: {faults:?}\n  leaders by term: {:?}",
+            o.leaders
+        )
+    })?;
     Ok(Report {
         seed,
         terms: o.leaders.len(),
@@ -256,40 +316,65 @@ fn check(seed: u64, o: &Observed) -> Result<(), String> {
         // Oracle 2: versions only grow on every host.
         for w in seen.windows(2) {
             if w[1].0 <= w[0].0 {
-                return Err(format!("seed {seed}: host h{} saw version {} after {}", i + 1, w[1].0, w[0].0));
+                return Err(format!(
+                    "seed {seed}: host h{} saw version {} after {}",
+                    i + 1,
+                    w[1].0,
+                    w[0].0
+                ));
             }
         }
         // Oracle 4: once every host is in, no live host goes missing.
         if let Some(first_full) = seen.iter().position(|(_, names)| names == &everyone) {
-            if let Some((v, names)) = seen[first_full..].iter().find(|(_, names)| !everyone.is_subset(names)) {
+            if let Some((v, names)) = seen[first_full..]
+                .iter()
+                .find(|(_, names)| !everyone.is_subset(names))
+            {
                 let missing: Vec<&String> = everyone.difference(names).collect();
-                return Err(format!("seed {seed}: host h{} saw version {v} without live hosts {missing:?}", i + 1));
+                return Err(format!(
+                    "seed {seed}: host h{} saw version {v} without live hosts {missing:?}",
+                    i + 1
+                ));
             }
         }
     }
     // Oracle 3: after healing, every host holds the same table with every host in it.
     let finals: BTreeSet<&Option<(u64, BTreeSet<String>)>> = o.last.iter().collect();
     if finals.len() != 1 {
-        let versions: Vec<Option<u64>> = o.last.iter().map(|l| l.as_ref().map(|(v, _)| *v)).collect();
-        return Err(format!("seed {seed}: hosts disagree after healing: versions {versions:?}"));
+        let versions: Vec<Option<u64>> =
+            o.last.iter().map(|l| l.as_ref().map(|(v, _)| *v)).collect();
+        return Err(format!(
+            "seed {seed}: hosts disagree after healing: versions {versions:?}"
+        ));
     }
     match o.last[0].as_ref() {
         Some((_, names)) if names == &everyone => {}
-        other => return Err(format!("seed {seed}: final table is not every host: {other:?}")),
+        other => {
+            return Err(format!(
+                "seed {seed}: final table is not every host: {other:?}"
+            ))
+        }
     }
     Ok(())
 }
 
 async fn watch_leadership(node: Arc<Node>, obs: Arc<Mutex<Observed>>) {
     let mut metrics = node.raft.metrics();
+    let debug = std::env::var_os("SIM_DEBUG").is_some();
+    let mut last_line: Option<String> = None;
     loop {
         {
             let m = metrics.borrow_and_update().clone();
             let mut o = obs.lock().expect("lock");
-            let line = format!("r{} t{} {:?} vote={} last_log={:?}", m.id, m.current_term, m.state, m.vote, m.last_log_index);
-            if std::env::var_os("SIM_DEBUG").is_some() && o.trace.last() != Some(&line) {
-                eprintln!("{:?} {line}", tokio::time::Instant::now());
-                o.trace.push(line);
+            if debug {
+                let line = format!(
+                    "r{} t{} {:?} vote={} last_log={:?}",
+                    m.id, m.current_term, m.state, m.vote, m.last_log_index
+                );
+                if last_line.as_ref() != Some(&line) {
+                    eprintln!("{:?} {line}", tokio::time::Instant::now());
+                    last_line = Some(line);
+                }
             }
             if m.state == openraft::ServerState::Leader {
                 o.leaders.entry(m.current_term).or_default().insert(m.id);

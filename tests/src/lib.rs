@@ -264,9 +264,7 @@ impl Replica {
 
     /// `GET /placement/state`, or `None` if the replica does not answer.
     pub async fn state(&self, client: &reqwest::Client) -> Option<serde_json::Value> {
-        if self.child.is_none() {
-            return None;
-        }
+        self.child.as_ref()?;
         let r = client
             .get(format!(
                 "http://127.0.0.1:{}/placement/state",

@@ -354,21 +354,34 @@ async fn rollout_of_200_hosts_keeps_one_leader_and_settles() {
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let mut leaders = 0;
+                let mut seen = Vec::new();
                 for p in &ports {
-                    if let Ok(r) = http
+                    let state = match http
                         .get(format!("http://127.0.0.1:{p}/placement/state"))
                         .send()
                         .await
                     {
-                        if let Ok(s) = r.json::<serde_json::Value>().await {
-                            if s["leader"] == true {
-                                leaders += 1;
-                                terms.lock().unwrap().insert(s["term"].as_u64().unwrap());
-                            }
+                        Ok(r) => r
+                            .json::<serde_json::Value>()
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Ok(s) = &state {
+                        if s["leader"] == true {
+                            leaders += 1;
+                            terms.lock().unwrap().insert(s["term"].as_u64().unwrap());
                         }
                     }
+                    seen.push(state.map(|s| {
+                        format!(
+                            "leader={} term={} quorumAckMs={}",
+                            s["leader"], s["term"], s["quorumAckMs"]
+                        )
+                    }));
                 }
                 if leaders != 1 {
+                    eprintln!("poll without exactly one leader: {seen:?}");
                     leaderless.fetch_add(1, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
