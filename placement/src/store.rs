@@ -181,6 +181,25 @@ impl LogStore {
     }
 }
 
+impl LogStore {
+    /// Removes the log entries whose keys fall in `range`, then flushes.
+    async fn remove_entries(
+        &self,
+        range: impl RangeBounds<[u8; 8]>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let keys: Vec<_> = self
+            .log
+            .range(range)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(write_err)?;
+        for k in keys {
+            self.log.remove(k).map_err(write_err)?;
+        }
+        flush(&self.db, self.durable).await
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -294,32 +313,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let keys: Vec<_> = self
-            .log
-            .range(log_id.index.to_be_bytes()..)
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(write_err)?;
-        for k in keys {
-            self.log.remove(k).map_err(write_err)?;
-        }
-        flush(&self.db, self.durable).await?;
-        Ok(())
+        self.remove_entries(log_id.index.to_be_bytes()..).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.meta_put("last_purged", &log_id).await?;
-        let keys: Vec<_> = self
-            .log
-            .range(..=log_id.index.to_be_bytes())
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(write_err)?;
-        for k in keys {
-            self.log.remove(k).map_err(write_err)?;
-        }
-        flush(&self.db, self.durable).await?;
-        Ok(())
+        self.remove_entries(..=log_id.index.to_be_bytes()).await
     }
 }
 

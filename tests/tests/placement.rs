@@ -28,6 +28,16 @@ fn host(i: usize, tag: &str, replicas: &[Replica]) -> Client {
     )
 }
 
+/// Starts 3 replicas (not waiting for a leader). The temp dir must live as long as they do.
+fn start_cluster() -> (tempfile::TempDir, reqwest::Client, Vec<Replica>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas = Replica::cluster(3, dir.path(), LEASE);
+    for r in &mut replicas {
+        r.start();
+    }
+    (dir, reqwest::Client::new(), replicas)
+}
+
 /// The replica that claims leadership, with its term.
 async fn leader(replicas: &[Replica], http: &reqwest::Client) -> Option<(usize, u64)> {
     let mut found = None;
@@ -136,12 +146,7 @@ fn watch_for_removals(client: &Client, expected: BTreeSet<String>) -> Arc<Atomic
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_kills_keep_every_heartbeating_host() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
-    let mut replicas = Replica::cluster(3, dir.path(), LEASE);
-    for r in &mut replicas {
-        r.start();
-    }
+    let (_dir, http, mut replicas) = start_cluster();
     wait_leader(&replicas, &http, Duration::from_secs(10)).await;
     let hosts = spawn_hosts(0..20, "", &replicas);
     let expected = names(&hosts);
@@ -231,12 +236,7 @@ async fn leader_kills_keep_every_heartbeating_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crashed_hosts_leave_after_their_lease_and_the_rest_converge() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
-    let mut replicas = Replica::cluster(3, dir.path(), LEASE);
-    for r in &mut replicas {
-        r.start();
-    }
+    let (_dir, http, replicas) = start_cluster();
     wait_leader(&replicas, &http, Duration::from_secs(10)).await;
     let mut hosts = spawn_hosts(0..20, "", &replicas);
     let all = names(&hosts);
@@ -275,12 +275,7 @@ async fn crashed_hosts_leave_after_their_lease_and_the_rest_converge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cold_restart_of_all_replicas_recovers_membership_from_disk() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
-    let mut replicas = Replica::cluster(3, dir.path(), LEASE);
-    for r in &mut replicas {
-        r.start();
-    }
+    let (_dir, http, mut replicas) = start_cluster();
     wait_leader(&replicas, &http, Duration::from_secs(10)).await;
     let hosts = spawn_hosts(0..20, "", &replicas);
     let expected = names(&hosts);
@@ -317,12 +312,7 @@ async fn cold_restart_of_all_replicas_recovers_membership_from_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rollout_of_200_hosts_keeps_one_leader_and_settles() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
-    let mut replicas = Replica::cluster(3, dir.path(), LEASE);
-    for r in &mut replicas {
-        r.start();
-    }
+    let (_dir, http, replicas) = start_cluster();
     let (_, term0) = wait_leader(&replicas, &http, Duration::from_secs(10)).await;
     let mut old = spawn_hosts(0..200, "-old", &replicas);
     let old_names = names(&old);
