@@ -291,9 +291,20 @@ pub async fn keyed(
     }
 }
 
+/// The query parameters of a get or a delete (`metadata.*` ones are read separately).
 #[derive(Deserialize)]
-struct GetQuery {
+struct KeyQuery {
+    concurrency: Option<String>,
     consistency: Option<String>,
+}
+
+fn key_query(q: &Option<String>) -> Result<KeyQuery, ApiError> {
+    let uri: axum::http::Uri = format!("/?{}", q.as_deref().unwrap_or(""))
+        .parse()
+        .map_err(|e| ApiError::malformed(format!("invalid query: {e}")))?;
+    Query::try_from_uri(&uri)
+        .map(|Query(k)| k)
+        .map_err(|e| ApiError::malformed(format!("invalid query: {e}")))
 }
 
 async fn get(
@@ -303,12 +314,7 @@ async fn get(
     key: &str,
     q: &Option<String>,
 ) -> Result<Response, ApiError> {
-    let query: Query<GetQuery> = Query::try_from_uri(
-        &format!("/?{}", q.as_deref().unwrap_or(""))
-            .parse()
-            .expect("valid uri"),
-    )
-    .map_err(|e| ApiError::malformed(format!("invalid query: {e}")))?;
+    let query = key_query(q)?;
     consistency(query.consistency.as_deref())?;
     let k = entry.store_key(shared, key)?;
     let item = entry.store.get(&k).await.map_err(|e| {
@@ -343,12 +349,6 @@ fn rfc3339(ms: i64) -> Option<String> {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
-#[derive(Deserialize)]
-struct DeleteQuery {
-    concurrency: Option<String>,
-    consistency: Option<String>,
-}
-
 async fn delete(
     shared: &Shared,
     entry: &StoreEntry,
@@ -357,12 +357,7 @@ async fn delete(
     q: &Option<String>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let query: Query<DeleteQuery> = Query::try_from_uri(
-        &format!("/?{}", q.as_deref().unwrap_or(""))
-            .parse()
-            .expect("valid uri"),
-    )
-    .map_err(|e| ApiError::malformed(format!("invalid query: {e}")))?;
+    let query = key_query(q)?;
     concurrency(query.concurrency.as_deref())?;
     consistency(query.consistency.as_deref())?;
     let etag = match headers.get(header::IF_MATCH) {
@@ -404,15 +399,10 @@ struct BulkItem {
     metadata: Option<HashMap<String, String>>,
 }
 
+/// `{"keys": [...]}`; Dapr's `parallelism` and `metadata` are accepted and have nothing to tune here.
 #[derive(Deserialize)]
 struct BulkRequest {
     keys: Vec<String>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    parallelism: Option<u32>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    metadata: Option<HashMap<String, Value>>,
 }
 
 async fn bulk_get(

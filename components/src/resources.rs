@@ -100,11 +100,6 @@ impl ComponentSpec {
         self.optional("actorStateStore")
             .is_some_and(|v| v.eq_ignore_ascii_case("true"))
     }
-
-    /// The block this component belongs to (`state`, `pubsub`, ...).
-    pub fn block(&self) -> &str {
-        self.kind.split('.').next().unwrap_or("")
-    }
 }
 
 /// Where the host is, for scoping and templates.

@@ -213,10 +213,6 @@ impl Node {
         Ok(node)
     }
 
-    pub fn id(&self) -> NodeId {
-        self.cfg.id
-    }
-
     /// Leader with a quorum that acknowledged it recently. A leader cut off from its followers
     /// stops counting as one well before they can elect another, so hosts move on in time.
     pub fn is_leader(&self) -> bool {
@@ -244,10 +240,6 @@ impl Node {
         self.table.borrow().clone()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Table> {
-        self.table.clone()
-    }
-
     /// Stops the background tasks and Raft.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
@@ -262,9 +254,10 @@ impl Node {
         let mut metrics = self.raft.metrics();
         // openraft draws each replica's election timeout once and checks it on a coarse tick, so
         // replicas that start together can time out on the same tick forever, each voting for
-        // itself. If no leader appears for two election timeouts, campaign once at a random
-        // instant: that breaks the tie.
-        let stall = Duration::from_millis(2 * ELECTION_TIMEOUT_MAX_MS);
+        // itself. If no leader appears for one full election timeout, campaign once at a random
+        // instant within the next 200 ms: that breaks the tie (a vote round trip takes
+        // milliseconds), and leaves a failover well inside 3 s.
+        let stall = Duration::from_millis(ELECTION_TIMEOUT_MAX_MS);
         let mut leaderless_since: Option<Instant> = None;
         loop {
             let has_leader = metrics.borrow_and_update().current_leader.is_some();
@@ -272,9 +265,7 @@ impl Node {
                 (true, _) => leaderless_since = None,
                 (false, None) => leaderless_since = Some(Instant::now()),
                 (false, Some(t)) if t.elapsed() > stall => {
-                    let delay = Duration::from_millis(
-                        crate::runtime::random_u64() % ELECTION_TIMEOUT_MAX_MS,
-                    );
+                    let delay = Duration::from_millis(crate::runtime::random_u64() % 200);
                     tokio::time::sleep(delay).await;
                     if self.raft.metrics().borrow().current_leader.is_none() {
                         tracing::info!(

@@ -1,8 +1,9 @@
 //! The state-store contract every backend implements, and the helpers they share.
 //!
 //! # Semantics (the same on every backend; `tests/conformance.rs` checks them)
-//! - A successful write gives the key a fresh ETag that was never used for that key before, so a
-//!   delete followed by a re-create cannot resurrect an old ETag (no ABA).
+//! - A successful write gives the key a fresh ETag, so a delete followed by a re-create does not
+//!   bring an old ETag back (no ABA): sled issues strictly growing ones, Redis and PostgreSQL
+//!   random 53-bit ones (a repeat is a 1-in-2^53 chance).
 //! - `Set` with an ETag succeeds only if the key exists (and has not expired) with that ETag.
 //! - `Set` without an ETag under [`Concurrency::FirstWrite`] is an atomic create-if-absent: of two
 //!   concurrent creates of one key exactly one wins. Under `LastWrite` it is unconditional.

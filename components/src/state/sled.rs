@@ -118,20 +118,6 @@ impl SledStore {
             _alive: alive,
         })
     }
-
-    /// Number of live and not-yet-swept keys (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.target.data.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.target.data.is_empty()
-    }
-
-    /// Size of the database on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.target.db.size_on_disk().unwrap_or(0)
-    }
 }
 
 impl Drop for SledStore {
