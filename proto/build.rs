@@ -4,6 +4,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
     }
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(&["proto/placement.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(
+        &[
+            "proto/placement.proto",
+            "proto/internal.proto",
+            "proto/scheduler.proto",
+        ],
+        &["proto"],
+    )?;
     Ok(())
 }

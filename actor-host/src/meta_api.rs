@@ -38,17 +38,30 @@ pub async fn metadata(State(shared): State<Arc<Shared>>) -> axum::Json<Value> {
     if let Some(p) = cfg.app_port {
         app["port"] = json!(p);
     }
+    let counts = shared.actors.active_counts();
+    let actors: Vec<Value> = counts
+        .iter()
+        .map(|(t, n)| json!({ "type": t, "count": n }))
+        .collect();
+    let connected = shared.actors.placement_connected();
+    let hosting = shared.actors.hosting();
+    let actor_runtime = json!({
+        "runtimeStatus": if connected { "RUNNING" } else { "INITIALIZING" },
+        "activeActors": actors,
+        "hostReady": connected && hosting,
+        "placement": if connected { "placement: connected" } else { "placement: disconnected" },
+    });
     axum::Json(json!({
         "id": cfg.app_id,
         "runtimeVersion": env!("CARGO_PKG_VERSION"),
         "enabledFeatures": [],
-        "actors": [],
+        "actors": actors,
         "components": components,
         "httpEndpoints": [],
         "subscriptions": [],
         "extended": extended,
         "appConnectionProperties": app,
-        "actorRuntime": { "runtimeStatus": "DISABLED", "activeActors": [], "hostReady": false, "placement": "" },
+        "actorRuntime": actor_runtime,
     }))
 }
 

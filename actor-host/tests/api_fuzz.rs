@@ -33,6 +33,18 @@ fn segment() -> impl Strategy<Value = String> {
     ]
 }
 
+fn actor_segment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("Counter".to_string()),
+        Just("method".to_string()),
+        Just("state".to_string()),
+        Just("timers".to_string()),
+        Just("reminders".to_string()),
+        Just("inc".to_string()),
+        segment(),
+    ]
+}
+
 fn json_body() -> impl Strategy<Value = Vec<u8>> {
     let leaf = prop_oneof![
         Just(serde_json::Value::Null),
@@ -96,7 +108,17 @@ fn fixture() -> Arc<Fixture> {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let host = rt
-        .block_on(Host::start(HostConfig::new("fuzz", dir.path())))
+        .block_on(async {
+            let host = Host::start(HostConfig::new("fuzz", dir.path())).await?;
+            // The actor runtime registers with the embedded placement (no app: no types).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !host.shared().actors.placement_connected()
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Ok::<_, actor_host::HostError>(host)
+        })
         .unwrap();
     Arc::new(Fixture {
         rt,
@@ -161,6 +183,35 @@ proptest! {
             let v: serde_json::Value = serde_json::from_slice(&body)
                 .map_err(|e| TestCaseError::fail(format!("{uri}: error body is not JSON: {e}")))?;
             prop_assert!(v["errorCode"].is_string() && v["message"].is_string(), "{uri}: {v}");
+        }
+    }
+
+    #[test]
+    fn actor_routes_answer_with_dapr_errors(
+        segs in prop::collection::vec(actor_segment(), 0..6),
+        m in method(),
+        body in json_body(),
+        reentrancy in prop::option::of("[ -~]{0,12}"),
+    ) {
+        let f = FIXTURE.with(|f| f.clone());
+        let uri = format!("/v1.0/actors/{}", segs.join("/"));
+        let Ok(mut req) = Request::builder().method(m).uri(&uri).header("content-type", "application/json").body(Body::from(body)) else {
+            return Ok(());
+        };
+        if let Some(v) = reentrancy {
+            if let Ok(h) = axum::http::HeaderValue::from_str(&v) {
+                req.headers_mut().insert("dapr-reentrancy-id", h);
+            }
+        }
+        let (status, body) = send(&f, req);
+        if status >= 400 && !body.is_empty() {
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| TestCaseError::fail(format!("{uri}: error body is not JSON: {e}")))?;
+            let code = v["errorCode"].as_str().unwrap_or_default().to_string();
+            prop_assert!(v["message"].is_string(), "{uri}: {v}");
+            // Dapr's own codes for these are 5xx: a timer for a type this host does not run, and
+            // reminders (no scheduler yet). Nothing else may be a server error.
+            prop_assert!(status < 500 || code == "ERR_ACTOR_TIMER_CREATE" || code == "ERR_API_UNIMPLEMENTED", "{uri}: {status} {v}");
         }
     }
 

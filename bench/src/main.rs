@@ -1,6 +1,12 @@
 //! Load generators for Tessera. `cargo run --release -p bench -- state` measures state save and
 //! get through the sidecar (sled store and Redis store) and the same operations straight against
 //! Redis, in one run, at concurrency 1 and 64; plus the idle sidecar's RSS and its time to ready.
+//! `placement` times table dissemination; `actors` compares a no-op actor method through the
+//! sidecar with a minimal reverse proxy and measures activations (see `actors.rs`);
+//! `placement` measures dissemination and commit rates (see `placement.rs`); `scheduler`
+//! measures reminder fires, lateness, registrations and memory (see `scheduler.rs`).
+
+mod actors;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +20,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+mod placement;
+mod scheduler;
+
 #[derive(Parser)]
 #[command(about = "Tessera load generators; results go to docs/BENCHMARKS.md")]
 struct Cli {
@@ -23,8 +32,53 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Actors: a no-op actor method through `tessera host` (local and remote owner) vs a minimal
+    /// reverse proxy in front of the same app, first call vs warm call, and 100,000 activations.
+    Actors {
+        /// Measured seconds per case and round.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Unrecorded seconds before each measurement.
+        #[arg(long, default_value_t = 0.5)]
+        warmup: f64,
+        /// Rounds over all cases (interleaved, merged per case).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Concurrency levels to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,64")]
+        concurrency: Vec<usize>,
+        /// First calls to distinct new actors, each followed by a call to a warm one.
+        #[arg(long, default_value_t = 2000)]
+        first_calls: usize,
+        /// Distinct actors activated per host.
+        #[arg(long, default_value_t = 100_000)]
+        activations: usize,
+        #[arg(long, default_value_t = 64)]
+        activation_concurrency: usize,
+        /// Skip activating the same number on cluster host A (Redis store).
+        #[arg(long)]
+        no_cluster_activations: bool,
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        redis: String,
+    },
+    /// The no-op actor app `bench actors` starts (internal).
+    #[command(hide = true)]
+    NoopApp {
+        #[arg(long)]
+        port: u16,
+    },
+    /// The minimal reverse proxy `bench actors` starts (internal).
+    #[command(hide = true)]
+    Proxy {
+        #[arg(long)]
+        port: u16,
+        /// host:port
+        #[arg(long)]
+        upstream: String,
+    },
     /// Placement: time from a membership change to the last of N hosts holding the new table
-    /// (3 replica processes, N simulated hosts in this process), and joins committed per second.
+    /// (3 replica processes, N simulated hosts in this process), and joins committed per second
+    /// (see `placement.rs`).
     Placement {
         /// Host counts to measure.
         #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
@@ -32,6 +86,26 @@ enum Cmd {
         /// Membership changes timed per host count.
         #[arg(long, default_value_t = 30)]
         changes: usize,
+        /// Hosts joining at once for the commit-rate measurements.
+        #[arg(long, default_value_t = 2000)]
+        burst: usize,
+        /// Host streams per HTTP/2 connection in the host-stream commit-rate measurement.
+        #[arg(long, default_value_t = 125)]
+        streams_per_connection: usize,
+    },
+    /// Scheduler: reminders fired per second and their lateness at 100,000 and 1,000,000
+    /// registered reminders (the library alone), and through a standalone host to an app, with
+    /// durable registrations per second over HTTP at concurrency 64.
+    Scheduler {
+        /// Seconds of firing measured per case.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// Reminders registered through the host.
+        #[arg(long, default_value_t = 100_000)]
+        host_reminders: usize,
+        /// Offered fire rates for the host case.
+        #[arg(long, value_delimiter = ',', default_value = "10000,20000")]
+        host_rates: Vec<u64>,
     },
     /// State save/get through the sidecar vs straight against Redis.
     State {
@@ -383,6 +457,12 @@ async fn state(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match Cli::parse().cmd {
         Cmd::State {
             seconds,
@@ -390,171 +470,42 @@ async fn main() -> anyhow::Result<()> {
             redis,
             keys,
         } => state(seconds, concurrency, redis, keys).await,
-        Cmd::Placement { hosts, changes } => placement_bench(hosts, changes).await,
-    }
-}
-
-struct Replicas(Vec<Child>);
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn registration(i: usize, tag: &str) -> placement::client::Registration {
-    placement::client::Registration {
-        name: format!("10.0.{}.{}:{}", i / 250, i % 250, 5000) + tag,
-        app_id: "bench".into(),
-        actor_types: vec!["Device".into()],
-        namespace: "default".into(),
-    }
-}
-
-async fn wait_all(
-    clients: &[placement::client::Client],
-    version_at_least: u64,
-    deadline: Duration,
-) -> anyhow::Result<Duration> {
-    let t = Instant::now();
-    loop {
-        if clients
-            .iter()
-            .all(|c| c.table().version >= version_at_least)
-        {
-            return Ok(t.elapsed());
-        }
-        if t.elapsed() > deadline {
-            bail!("hosts did not reach version {version_at_least} within {deadline:?}");
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
-}
-
-async fn placement_bench(host_counts: Vec<usize>, changes: usize) -> anyhow::Result<()> {
-    use placement::client::{Client, Options};
-    let dir = tempfile::tempdir()?;
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let cluster = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (p, _))| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut children = Vec::new();
-    for (i, (p, h)) in ports.iter().enumerate() {
-        children.push(
-            Command::new(tessera_bin()?)
-                .args([
-                    "placement",
-                    "--id",
-                    &(i + 1).to_string(),
-                    "--initial-cluster",
-                    &cluster,
-                    "--log-level",
-                    "warn",
-                ])
-                .args([
-                    "--port",
-                    &p.to_string(),
-                    "--healthz-port",
-                    &h.to_string(),
-                    "--data-dir",
-                ])
-                .arg(dir.path().join(format!("r{i}")))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        );
-    }
-    let _replicas = Replicas(children);
-    let addrs: Vec<String> = ports
-        .iter()
-        .map(|(p, _)| format!("127.0.0.1:{p}"))
-        .collect();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    println!("| hosts | changes | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|");
-    let mut tag = 0usize;
-    for &n in &host_counts {
-        tag += 1;
-        let t = Instant::now();
-        let clients: Vec<Client> = (0..n)
-            .map(|i| {
-                Client::spawn(
-                    addrs.clone(),
-                    registration(i, &format!("-{tag}")),
-                    Options::default(),
-                )
+        Cmd::Scheduler {
+            seconds,
+            host_reminders,
+            host_rates,
+        } => scheduler::run(seconds, host_reminders, host_rates).await,
+        Cmd::Actors {
+            seconds,
+            warmup,
+            rounds,
+            concurrency,
+            first_calls,
+            activations,
+            activation_concurrency,
+            no_cluster_activations,
+            redis,
+        } => {
+            actors::run(actors::Options {
+                seconds,
+                warmup,
+                rounds,
+                concurrency,
+                first_calls,
+                activations,
+                activation_concurrency,
+                redis,
+                cluster_activations: !no_cluster_activations,
             })
-            .collect();
-        wait_until(
-            || clients.iter().all(|c| c.table().hosts.len() >= n),
-            Duration::from_secs(60),
-        )
-        .await?;
-        let joined = t.elapsed();
-        let mut lat = Vec::new();
-        for k in 0..changes {
-            let before = clients.iter().map(|c| c.table().version).max().unwrap_or(0);
-            let start = Instant::now();
-            let extra = Client::spawn(
-                addrs.clone(),
-                registration(900_000 + k, &format!("-x{tag}")),
-                Options::default(),
-            );
-            let took = wait_all(&clients, before + 1, Duration::from_secs(30)).await?;
-            lat.push(start.elapsed().max(took));
-            drop(extra);
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            .await
         }
-        lat.sort();
-        let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
-        println!(
-            "| {n} | {changes} | {:.1} | {:.1} | {:.1} |",
-            pct(0.5),
-            pct(0.99),
-            lat.last().unwrap().as_secs_f64() * 1e3
-        );
-        eprintln!("{n} hosts joined (first table with all of them everywhere) in {joined:?}");
-        drop(clients);
-        // Let the lease remove them before the next size.
-        tokio::time::sleep(Duration::from_secs(7)).await;
+        Cmd::NoopApp { port } => actors::noop_app(port).await,
+        Cmd::Proxy { port, upstream } => actors::proxy(port, upstream).await,
+        Cmd::Placement {
+            hosts,
+            changes,
+            burst,
+            streams_per_connection,
+        } => placement::run(hosts, changes, burst, streams_per_connection).await,
     }
-    // Commit rate: a burst of joins, timed from the first registration to the table holding all.
-    let burst = 2000;
-    let t = Instant::now();
-    let clients: Vec<Client> = (0..burst)
-        .map(|i| Client::spawn(addrs.clone(), registration(i, "-burst"), Options::default()))
-        .collect();
-    wait_until(
-        || {
-            clients[0]
-                .table()
-                .hosts
-                .iter()
-                .filter(|h| h.name.ends_with("-burst"))
-                .count()
-                >= burst
-        },
-        Duration::from_secs(60),
-    )
-    .await?;
-    let took = t.elapsed();
-    let v = clients[0].table().version;
-    println!("\n{burst} joins committed in {took:?}: {:.0} membership changes/s, in {} table versions at most (version now {v})", burst as f64 / took.as_secs_f64(), v);
-    Ok(())
-}
-
-async fn wait_until(mut cond: impl FnMut() -> bool, deadline: Duration) -> anyhow::Result<()> {
-    let t = Instant::now();
-    while !cond() {
-        if t.elapsed() > deadline {
-            bail!("condition not met within {deadline:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Ok(())
 }

@@ -1,5 +1,6 @@
-//! The `tessera` binary: `run` (a sidecar plus your app, like `dapr run`) and `host` (the
-//! sidecar alone, like `daprd`). Flags and environment variables follow Dapr's names.
+//! The `tessera` binary: `run` (a sidecar plus your app, like `dapr run`), `host` (the sidecar
+//! alone, like `daprd`), and the control plane: `placement` and `scheduler`. Flags and
+//! environment variables follow Dapr's names.
 
 mod app;
 
@@ -52,6 +53,82 @@ enum Command {
     /// One replica alone by default; for a cluster start 3 (or 5) with the same
     /// --initial-cluster and their own --id.
     Placement(PlacementArgs),
+    /// Run a scheduler replica: durable jobs and actor reminders, triggered to the hosts that
+    /// watch them (like Dapr's `scheduler`). Hosts use it with --scheduler-host-address.
+    Scheduler(SchedulerArgs),
+}
+
+#[derive(Args, Clone)]
+struct SchedulerArgs {
+    /// This replica's id in --initial-cluster.
+    #[arg(long, default_value_t = 1)]
+    id: u64,
+    /// Every replica as id=host:port, comma-separated [default: <id>=127.0.0.1:<port>].
+    #[arg(long, value_name = "ID=ADDR,...")]
+    initial_cluster: Option<String>,
+    /// gRPC port for hosts (and for Raft between replicas).
+    #[arg(long, default_value_t = 50006)]
+    port: u16,
+    /// Address the ports listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    listen_address: std::net::IpAddr,
+    /// Port of GET /healthz and GET /metrics.
+    #[arg(long, default_value_t = 8082)]
+    healthz_port: u16,
+    /// Where jobs live [default: ~/.tessera/scheduler/<id>].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// How long a host may take to acknowledge a trigger before the delivery counts as failed.
+    #[arg(long, default_value = "30s")]
+    ack_timeout: String,
+    /// Log level: debug, info, warn or error (RUST_LOG overrides it).
+    #[arg(long, env = "DAPR_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+/// `~/.tessera/<service>/<id>`: where a replica keeps its data without --data-dir.
+fn default_service_dir(service: &str, id: u64) -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".tessera").join(service).join(id.to_string())
+}
+
+/// Binds a replica's listener, saying which flag to change when the port is taken.
+async fn bind(
+    ip: IpAddr,
+    port: u16,
+    flag: &str,
+) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let addr = SocketAddr::new(ip, port);
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}: pick another {flag}"))?;
+    Ok((l, addr))
+}
+
+async fn run_scheduler(args: SchedulerArgs) -> anyhow::Result<u8> {
+    let cluster = args
+        .initial_cluster
+        .clone()
+        .unwrap_or_else(|| format!("{}=127.0.0.1:{}", args.id, args.port));
+    let peers = scheduler::server::parse_initial_cluster(&cluster).context("--initial-cluster")?;
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| default_service_dir("scheduler", args.id));
+    let (grpc, grpc_addr) = bind(args.listen_address, args.port, "--port").await?;
+    let (http, http_addr) = bind(args.listen_address, args.healthz_port, "--healthz-port").await?;
+    let cfg = scheduler::server::Config {
+        id: args.id,
+        peers,
+        data_dir,
+        ack_timeout: parse_duration(&args.ack_timeout).context("--ack-timeout")?,
+        engine: Default::default(),
+    };
+    tracing::info!(id = args.id, %grpc_addr, %http_addr, "starting scheduler replica");
+    scheduler::server::run(cfg, grpc, http, signal()).await?;
+    tracing::info!("scheduler replica stopped");
+    Ok(0)
 }
 
 #[derive(Args, Clone)]
@@ -95,9 +172,10 @@ fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
         .with_context(|| format!("invalid duration {s:?}: expected e.g. 5s or 2500ms"))?;
     Ok(match unit {
         "ms" => std::time::Duration::from_millis(n),
+        "h" => std::time::Duration::from_secs(n * 3600),
         "s" | "" => std::time::Duration::from_secs(n),
         "m" => std::time::Duration::from_secs(n * 60),
-        other => bail!("invalid duration unit {other:?} in {s:?}: use ms, s or m"),
+        other => bail!("invalid duration unit {other:?} in {s:?}: use ms, s, m or h"),
     })
 }
 
@@ -107,25 +185,11 @@ async fn run_placement(args: PlacementArgs) -> anyhow::Result<u8> {
         .clone()
         .unwrap_or_else(|| format!("{}=127.0.0.1:{}", args.id, args.port));
     let peers = placement::server::parse_initial_cluster(&cluster).context("--initial-cluster")?;
-    let data_dir = match args.data_dir {
-        Some(d) => d,
-        None => {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("."));
-            home.join(".tessera")
-                .join("placement")
-                .join(args.id.to_string())
-        }
-    };
-    let grpc_addr = SocketAddr::new(args.listen_address, args.port);
-    let grpc = tokio::net::TcpListener::bind(grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen on {grpc_addr}: pick another --port"))?;
-    let http_addr = SocketAddr::new(args.listen_address, args.healthz_port);
-    let http = tokio::net::TcpListener::bind(http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {http_addr}: pick another --healthz-port"))?;
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| default_service_dir("placement", args.id));
+    let (grpc, grpc_addr) = bind(args.listen_address, args.port, "--port").await?;
+    let (http, http_addr) = bind(args.listen_address, args.healthz_port, "--healthz-port").await?;
     let cfg = placement::server::Config {
         id: args.id,
         peers,
@@ -156,10 +220,39 @@ struct HostArgs {
     /// Port of the Dapr HTTP API.
     #[arg(long, env = "DAPR_HTTP_PORT", default_value_t = 3500)]
     dapr_http_port: u16,
-    /// Port passed to the app as DAPR_GRPC_PORT. This build serves the HTTP API only; the gRPC
-    /// API arrives with the actor runtime.
+    /// Port passed to the app as DAPR_GRPC_PORT. This build serves the HTTP API only.
     #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
     dapr_grpc_port: u16,
+    /// Port of the internal gRPC service other hosts forward actor calls to [default: a free
+    /// port].
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    dapr_internal_grpc_port: u16,
+    /// Placement replicas as host:port, comma-separated. Without it the host embeds a
+    /// single-node placement (standalone mode).
+    #[arg(
+        long,
+        env = "DAPR_PLACEMENT_HOST_ADDRESS",
+        value_delimiter = ',',
+        value_name = "ADDR,..."
+    )]
+    placement_host_address: Vec<String>,
+    /// Scheduler replicas as host:port, comma-separated. Without it the host embeds the
+    /// scheduler (jobs and reminders under its data directory).
+    #[arg(
+        long,
+        env = "DAPR_SCHEDULER_HOST_ADDRESS",
+        value_delimiter = ',',
+        value_name = "ADDR,..."
+    )]
+    scheduler_host_address: Vec<String>,
+    /// Port of GET /metrics (Prometheus). If it is taken, the host starts without it.
+    #[arg(long, env = "DAPR_METRICS_PORT", default_value_t = 9090)]
+    metrics_port: u16,
+    /// The longest an actor call may take in all (routing, waiting for the actor's turn, the
+    /// app), e.g. 60s or 500ms. A call chain that comes back to a busy actor without
+    /// reentrancy fails after this long.
+    #[arg(long, default_value = "60s")]
+    actor_call_timeout: String,
     /// Addresses the API listens on, comma-separated.
     #[arg(
         long,
@@ -236,7 +329,7 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
                 bail!("invalid --log-level {level:?}: use debug, info, warn or error");
             }
             tracing_subscriber::EnvFilter::new(format!(
-                "warn,actor_host={level},components={level},tessera={level}"
+                "warn,actor_host={level},components={level},scheduler={level},tessera={level}"
             ))
         }
     };
@@ -274,6 +367,29 @@ fn host_config(args: &HostArgs, extended: BTreeMap<String, String>) -> anyhow::R
         .ok()
         .filter(|t| !t.is_empty());
     cfg.extended = extended;
+    cfg.placement_addresses = args
+        .placement_host_address
+        .iter()
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    cfg.scheduler_addresses = args
+        .scheduler_host_address
+        .iter()
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    let internal_ip = args
+        .dapr_listen_addresses
+        .first()
+        .copied()
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    cfg.internal_listen = SocketAddr::new(internal_ip, args.dapr_internal_grpc_port);
+    cfg.actor_call_timeout =
+        parse_duration(&args.actor_call_timeout).context("--actor-call-timeout")?;
+    cfg.app_api_token = std::env::var("APP_API_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
     Ok(cfg)
 }
 
@@ -293,11 +409,43 @@ async fn start_host(
         listeners.push(l);
     }
     let host = Host::start(host_config(args, extended)?).await?;
+    serve_metrics(&host, args).await;
     tracing::info!(
         elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
         "sidecar ready"
     );
     Ok((host, listeners))
+}
+
+/// `GET /metrics` on --metrics-port, stopped with the host.
+async fn serve_metrics(host: &Host, args: &HostArgs) {
+    let ip = args
+        .dapr_listen_addresses
+        .first()
+        .copied()
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let addr = SocketAddr::new(ip, args.metrics_port);
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "metrics port unavailable: running without GET /metrics (set --metrics-port)");
+            return;
+        }
+    };
+    let runtime = host.shared().actors.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let runtime = runtime.clone();
+            async move { runtime.metrics_text() }
+        }),
+    );
+    let stop = host.shutdown_token();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+    });
 }
 
 /// Serves every listener until the token is cancelled.
@@ -319,21 +467,45 @@ async fn serve(
     Ok(())
 }
 
-async fn signal() {
+/// Cancelled on the first SIGINT or SIGTERM. The handlers are installed first thing in `main`,
+/// so a Ctrl-C that arrives while the sidecar is still starting is not lost (without a handler
+/// it would kill the process outright, leaving the app behind).
+static SIGNALLED: std::sync::OnceLock<CancellationToken> = std::sync::OnceLock::new();
+
+fn install_signal_handlers() -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let token = SIGNALLED.get_or_init(CancellationToken::new).clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+async fn signal() {
+    SIGNALLED
+        .get_or_init(CancellationToken::new)
+        .clone()
+        .cancelled_owned()
+        .await
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    if let Err(e) = install_signal_handlers() {
+        eprintln!("error: cannot install signal handlers: {e}");
+        return std::process::ExitCode::from(1);
+    }
     let cli = Cli::parse();
     let level = match &cli.command {
         Command::Run { host, .. } | Command::Host { host } => host.log_level.clone(),
         Command::Placement(p) => p.log_level.clone(),
+        Command::Scheduler(s) => s.log_level.clone(),
     };
     if let Err(e) = init_logging(&level) {
         eprintln!("error: {e:#}");
@@ -351,6 +523,7 @@ async fn main() -> std::process::ExitCode {
 async fn real_main(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Placement(args) => run_placement(args).await,
+        Command::Scheduler(args) => run_scheduler(args).await,
         Command::Host { host: args } => {
             let (host, listeners) = start_host(&args, BTreeMap::new()).await?;
             let stop = host.shutdown_token();

@@ -453,6 +453,78 @@ async fn binary_and_odd_keys(store: &dyn StateStore, p: &str) {
     }
 }
 
+async fn fencing_rejects_older_epochs(store: Arc<dyn StateStore>, p: &str) {
+    use components::state::fence::{fenced_transact, FenceError};
+    let fence = format!("{p}__fence");
+    let k = format!("{p}fenced");
+    // Epoch 5 claims, writes; epoch 7 claims; epoch 5 is then refused and writes nothing.
+    fenced_transact(&*store, &fence, 5, vec![]).await.unwrap();
+    fenced_transact(&*store, &fence, 5, vec![Op::Set(set(&k, "five"))])
+        .await
+        .unwrap();
+    fenced_transact(&*store, &fence, 7, vec![]).await.unwrap();
+    match fenced_transact(&*store, &fence, 5, vec![Op::Set(set(&k, "stale"))]).await {
+        Err(FenceError::Stale { ours: 5, stored: 7 }) => {}
+        other => panic!("expected a stale rejection, got {other:?}"),
+    }
+    assert_eq!(value(&*store, &k).await.as_deref(), Some("five"));
+    fenced_transact(&*store, &fence, 7, vec![Op::Set(set(&k, "seven"))])
+        .await
+        .unwrap();
+    assert_eq!(value(&*store, &k).await.as_deref(), Some("seven"));
+    // A failing user condition writes nothing, fence included.
+    let r = fenced_transact(
+        &*store,
+        &fence,
+        9,
+        vec![Op::Set(with_etag(set(&k, "nine"), "12345"))],
+    )
+    .await;
+    assert!(
+        matches!(r, Err(FenceError::State(StateError::EtagMismatch { .. }))),
+        "{r:?}"
+    );
+    fenced_transact(&*store, &fence, 8, vec![]).await.unwrap();
+
+    // Racing epochs: once a write of epoch e has been acknowledged, no write of a lower epoch
+    // that starts afterwards is accepted.
+    let fence2 = format!("{p}__fence2");
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for epoch in 1..=8u64 {
+        let (store, fence2, done) = (store.clone(), fence2.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..5 {
+                let key = format!("{fence2}-w{epoch}-{i}");
+                let before = done.load(std::sync::atomic::Ordering::SeqCst);
+                match fenced_transact(&*store, &fence2, epoch, vec![Op::Set(set(&key, "x"))]).await
+                {
+                    Ok(()) => {
+                        assert!(
+                            before <= epoch,
+                            "epoch {epoch} accepted after epoch {before}"
+                        );
+                        done.fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(FenceError::Stale { .. }) => break,
+                    Err(FenceError::State(StateError::EtagMismatch { .. })) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stored = value(&*store, &fence2).await.unwrap();
+    let max = done.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        stored,
+        max.to_string(),
+        "the fence holds the highest accepted epoch"
+    );
+}
+
 macro_rules! suite {
     ($backend:ident) => {
         mod $backend {
@@ -521,6 +593,11 @@ macro_rules! suite {
             async fn binary_and_odd_keys() {
                 let b = backend().await;
                 super::binary_and_odd_keys(&*b.store, &b.prefix).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn fencing_rejects_older_epochs() {
+                let b = backend().await;
+                super::fencing_rejects_older_epochs(b.store.clone(), &b.prefix).await;
             }
         }
     };

@@ -9,17 +9,24 @@
 //! # Layout
 //! - [`store`]: Raft log and membership state machine on sled.
 //! - [`network`]: Raft RPCs between replicas over gRPC.
+//! - [`publish`]: each committed table built once as a full order and a delta, shared by every
+//!   host session.
 //! - [`server`]: the replica ([`server::Node`]): host sessions, change batching, lease expiry,
 //!   health, metrics and `/placement/state`; `run(listeners, shutdown)`.
-//! - [`client`]: what hosts use: keeps the latest table, follows the leader, never gives up.
+//! - [`client`]: what hosts use: keeps the latest table, follows the leader, never gives up;
+//!   reports the version the host has applied and learns the settled version.
+//! - [`settle`]: the leader's settled version (every listed host applied it), the version barrier
+//!   actor hosts wait on before activating actors they gained.
 //! - [`ring`]: consistent-hash rings per actor type.
 //! - [`runtime`]: tokio with a seedable random source, so simulations replay exactly.
 
 pub mod client;
 pub mod network;
+pub mod publish;
 pub mod ring;
 pub mod runtime;
 pub mod server;
+pub mod settle;
 pub mod store;
 
 use std::io::Cursor;

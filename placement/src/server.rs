@@ -9,6 +9,8 @@
 //! - The leader removes a host (through Raft) once it has not heard from it for a lease. A new
 //!   leader first waits one full lease, so every live host has had time to reconnect.
 //! - Every replica publishes each committed table to its sessions; versions only grow.
+//! - The leader tracks the version each host has applied and the settled version (see
+//!   [`crate::settle`]); it sends it in every acknowledgement and pushes it when it grows.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -21,15 +23,15 @@ use tokio::time::Instant;
 use openraft::{BasicNode, ServerState};
 use proto::placement::placement_order::Order;
 use proto::placement::placement_server::{Placement, PlacementServer};
-use proto::placement::{
-    HeartbeatAck, HostInfo, HostReport, PlacementOrder, PlacementTable, RaftMessage,
-};
+use proto::placement::{HeartbeatAck, HostReport, PlacementOrder, RaftMessage};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::network::{self, Network};
+use crate::publish::Published;
 use crate::ring::{HostEntry, Table};
+use crate::settle::Tracker;
 use crate::store::{self, NodeId, Request, StateMachine};
 use crate::Raft;
 
@@ -93,6 +95,12 @@ pub struct Node {
     /// When this replica became leader; `None` while it is not.
     leader_since: Mutex<Option<Instant>>,
     changes: mpsc::UnboundedSender<Change>,
+    /// The latest committed table, built once for every session (full and as a delta).
+    published: watch::Sender<Arc<Published>>,
+    /// Applied versions and the settled version, while this replica leads.
+    settle: Mutex<Tracker>,
+    /// [`Tracker::settled`], as a watch for host sessions.
+    settled: watch::Sender<u64>,
     shutdown: CancellationToken,
 }
 
@@ -122,24 +130,6 @@ fn raft_config(lease: Duration) -> Result<Arc<openraft::Config>, Error> {
     cfg.validate()
         .map(Arc::new)
         .map_err(|e| Error::Config(e.to_string()))
-}
-
-fn to_info(h: &HostEntry) -> HostInfo {
-    HostInfo {
-        name: h.name.clone(),
-        app_id: h.app_id.clone(),
-        actor_types: h.actor_types.clone(),
-        namespace: h.namespace.clone(),
-    }
-}
-
-fn table_order(t: &Table) -> PlacementOrder {
-    PlacementOrder {
-        order: Some(Order::Table(PlacementTable {
-            version: t.version,
-            hosts: t.hosts.iter().map(to_info).collect(),
-        })),
-    }
 }
 
 impl Node {
@@ -196,7 +186,9 @@ impl Node {
             }
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let first = Published::first(table.borrow().clone());
         let node = Arc::new(Node {
+            published: watch::Sender::new(Arc::new(first)),
             leading: watch::Sender::new(false),
             raft,
             sm,
@@ -205,9 +197,12 @@ impl Node {
             live: Mutex::new(HashMap::new()),
             leader_since: Mutex::new(None),
             changes: tx,
+            settle: Mutex::new(Tracker::default()),
+            settled: watch::Sender::new(0),
             shutdown: CancellationToken::new(),
         });
         tokio::spawn(node.clone().track_leadership());
+        tokio::spawn(node.clone().publish_tables());
         tokio::spawn(node.clone().batch_changes(rx));
         tokio::spawn(node.clone().expire_leases());
         Ok(node)
@@ -238,6 +233,21 @@ impl Node {
     /// The latest committed table on this replica.
     pub fn table(&self) -> Table {
         self.table.borrow().clone()
+    }
+
+    /// For an embedded single-node placement, whose only host lives in the same process: once
+    /// this replica leads, removes every host but `keep` (hosts of earlier runs of that process,
+    /// certainly gone) instead of waiting out their leases.
+    pub async fn forget_hosts_except(&self, keep: &str) {
+        let mut leading = self.leading.subscribe();
+        if leading.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        for name in self.table().hosts.into_iter().map(|h| h.name) {
+            if name != keep {
+                let _ = self.changes.send(Change::Remove(name));
+            }
+        }
     }
 
     /// Stops the background tasks and Raft.
@@ -291,11 +301,16 @@ impl Node {
                         );
                         *since = Some(Instant::now());
                         self.live.lock().expect("lock").clear();
+                        // A new leader learns applied versions afresh and starts from 0.
+                        self.settle.lock().expect("lock").reset(&self.table());
+                        self.settled.send_replace(0);
                     }
                     (false, true) => {
                         tracing::info!(id = self.cfg.id, "no longer leader");
                         *since = None;
                         self.live.lock().expect("lock").clear();
+                        *self.settle.lock().expect("lock") = Tracker::default();
+                        self.settled.send_replace(0);
                     }
                     _ => {}
                 }
@@ -304,6 +319,46 @@ impl Node {
                 _ = self.shutdown.cancelled() => return,
                 r = metrics.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    /// The settled version this replica computed while leading; 0 on a follower, and where a new
+    /// leader starts.
+    pub fn settled(&self) -> u64 {
+        *self.settled.borrow()
+    }
+
+    /// Publishes a settled version that grew.
+    fn publish_settled(&self, grown: Option<u64>) {
+        if let Some(v) = grown {
+            self.settled.send_if_modified(|s| {
+                let grew = v > *s;
+                if grew {
+                    *s = v;
+                }
+                grew
+            });
+        }
+    }
+
+    /// Builds each committed table once for the sessions (full and as a delta from the one before),
+    /// and feeds it to the settle tracker while this replica leads.
+    async fn publish_tables(self: Arc<Self>) {
+        let mut tables = self.table.clone();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = tables.changed() => if r.is_err() { return },
+            }
+            let t = tables.borrow_and_update().clone();
+            let prev = self.published.borrow().clone();
+            if t.version > prev.version {
+                self.published.send_replace(Arc::new(prev.next(t.clone())));
+            }
+            if self.leader_since.lock().expect("lock").is_some() {
+                let grown = self.settle.lock().expect("lock").on_table(&t);
+                self.publish_settled(grown);
             }
         }
     }
@@ -397,9 +452,11 @@ impl Node {
         mut inbound: tonic::Streaming<HostReport>,
         tx: mpsc::Sender<Result<PlacementOrder, tonic::Status>>,
     ) {
-        let mut tables = self.table.clone();
+        let mut tables = self.published.subscribe();
         let mut leading = self.leading.subscribe();
+        let mut settled = self.settled.subscribe();
         let mut sent_version = None;
+        let mut sent_settled = 0u64;
         let lease_ms = self.cfg.lease.as_millis() as u64;
         loop {
             tokio::select! {
@@ -414,16 +471,22 @@ impl Node {
                         return;
                     }
                     self.live.lock().expect("lock").insert(report.name.clone(), Instant::now());
-                    let ack = PlacementOrder { order: Some(Order::Ack(HeartbeatAck { seq: report.seq, lease_ms })) };
+                    let grown = self.settle.lock().expect("lock").on_report(&report.name, report.applied_version);
+                    self.publish_settled(grown);
+                    let settled_version = *settled.borrow_and_update();
+                    sent_settled = sent_settled.max(settled_version);
+                    let ack = PlacementOrder { order: Some(Order::Ack(HeartbeatAck { seq: report.seq, lease_ms, settled_version })) };
                     if tx.send(Ok(ack)).await.is_err() {
                         return;
                     }
                     if sent_version.is_none() {
-                        let t = tables.borrow_and_update().clone();
-                        sent_version = Some(t.version);
-                        if tx.send(Ok(table_order(&t))).await.is_err() {
-                            return;
+                        let p = tables.borrow_and_update().clone();
+                        for o in p.orders_since(None) {
+                            if tx.send(Ok((*o).clone())).await.is_err() {
+                                return;
+                            }
                         }
+                        sent_version = Some(p.version);
                     }
                     // Hosts without actor types read tables but never change them.
                     if !report.actor_types.is_empty() {
@@ -433,16 +496,36 @@ impl Node {
                         if self.sm.host(&entry.name).as_ref() != Some(&entry) {
                             let _ = self.changes.send(Change::Upsert(entry));
                         }
+                    } else if self.sm.host(&report.name).is_some() {
+                        // A listed host that reports no actor types is leaving gracefully:
+                        // remove it now rather than after its lease.
+                        let _ = self.changes.send(Change::Remove(report.name));
                     }
                 }
                 r = tables.changed() => {
                     if r.is_err() {
                         return;
                     }
-                    let t = tables.borrow_and_update().clone();
-                    if sent_version.is_some_and(|v| t.version > v) {
-                        sent_version = Some(t.version);
-                        if tx.send(Ok(table_order(&t))).await.is_err() {
+                    let p = tables.borrow_and_update().clone();
+                    if sent_version.is_some_and(|v| p.version > v) {
+                        // Deltas from what this session sent, or the whole table if it fell
+                        // further behind than the deltas kept.
+                        for o in p.orders_since(sent_version) {
+                            if tx.send(Ok((*o).clone())).await.is_err() {
+                                return;
+                            }
+                        }
+                        sent_version = Some(p.version);
+                    }
+                }
+                r = settled.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let v = *settled.borrow_and_update();
+                    if v > sent_settled {
+                        sent_settled = v;
+                        if tx.send(Ok(PlacementOrder { order: Some(Order::SettledVersion(v)) })).await.is_err() {
                             return;
                         }
                     }
@@ -465,6 +548,7 @@ impl Node {
             "leader": self.is_leader(),
             "term": m.current_term,
             "tableVersion": t.version,
+            "settledVersion": self.settled(),
             "lastApplied": m.last_applied.map_or(0, |l| l.index),
             "quorumAckMs": m.millis_since_quorum_ack,
             "hostList": t.hosts.iter().map(|h| serde_json::json!({
@@ -482,12 +566,14 @@ impl Node {
             "# TYPE tessera_placement_leader gauge\ntessera_placement_leader {}\n\
              # TYPE tessera_placement_term gauge\ntessera_placement_term {}\n\
              # TYPE tessera_placement_table_version gauge\ntessera_placement_table_version {}\n\
+             # TYPE tessera_placement_settled_version gauge\ntessera_placement_settled_version {}\n\
              # TYPE tessera_placement_members gauge\ntessera_placement_members {}\n\
              # TYPE tessera_placement_live_hosts gauge\ntessera_placement_live_hosts {}\n\
              # TYPE tessera_placement_last_applied_index gauge\ntessera_placement_last_applied_index {}\n",
             u8::from(m.current_leader == Some(self.cfg.id)),
             m.current_term,
             t.version,
+            self.settled(),
             t.hosts.len(),
             connected,
             m.last_applied.map_or(0, |l| l.index),
@@ -554,7 +640,7 @@ pub async fn run(
                 .await;
         });
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
     serve(node, incoming, async move { stop.cancelled().await }).await
 }
 
@@ -577,7 +663,6 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(PlacementServer::new(Service(node.clone())))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

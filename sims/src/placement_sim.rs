@@ -31,8 +31,21 @@ struct Observed {
     tables: Vec<Vec<(u64, BTreeSet<String>)>>,
     /// Each host's table at the end.
     last: Vec<Option<(u64, BTreeSet<String>)>>,
+    /// Each host's settled version at the end.
+    last_settled: Vec<u64>,
+    /// Applied and settled versions in the order they happened (the simulation runs on one
+    /// thread, so this order is the causal one).
+    events: Vec<Event>,
     /// A short trace for the determinism check.
     trace: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    /// Host `i` applied this version (logged before the client can report it).
+    Applied(usize, u64),
+    /// Host `i` learned this settled version.
+    Settled(usize, u64),
 }
 
 /// What a run saw, for reporting and for checking that a seed replays exactly.
@@ -43,6 +56,11 @@ pub struct Report {
     pub max_version: u64,
     pub faults: Vec<String>,
     pub trace: Vec<String>,
+}
+
+/// Simulated time, in microseconds since the simulation started, for the trace.
+fn now() -> u128 {
+    turmoil::sim_elapsed().unwrap_or_default().as_micros()
 }
 
 fn replica(i: usize) -> String {
@@ -72,7 +90,86 @@ impl Xorshift {
 }
 
 /// Reverts a fault at its due time.
-type Undo = Box<dyn Fn(&mut turmoil::Sim<'_>)>;
+enum Undo {
+    /// Power the replica back on (its disk kept every write).
+    Restart(usize),
+    /// End one partition between two replicas.
+    Uncut(usize, usize),
+    /// Stop losing messages between two replicas.
+    Lossless(usize, usize),
+}
+
+/// Which links are cut, by partitions between replicas and by replicas that are down.
+///
+/// A crashed replica is cut off from every node before turmoil drops its runtime, and stays cut
+/// until it restarts: a power loss, not a process exit. That matters for replay: dropping a
+/// runtime drops its tasks in an order that depends on tokio's process-wide task ids (tasks are
+/// kept in lists sharded by id), and each dropped socket would send a FIN or RST whose latency is
+/// drawn from the simulation's random source. With the links cut, those segments are discarded
+/// (turmoil draws nothing for them), so the order of the drops cannot change what happens next.
+#[derive(Default)]
+struct Links {
+    /// Replica pair (low, high) -> partitions in force.
+    cuts: BTreeMap<(usize, usize), usize>,
+    /// Replicas that are down.
+    down: BTreeSet<usize>,
+}
+
+impl Links {
+    fn pair(a: usize, b: usize) -> (usize, usize) {
+        (a.min(b), a.max(b))
+    }
+
+    /// Sets every link of replica `r` to what the faults in force say.
+    fn sync(&self, sim: &mut turmoil::Sim<'_>, r: usize) {
+        for o in (0..REPLICAS).filter(|o| *o != r) {
+            let cut = self.down.contains(&r)
+                || self.down.contains(&o)
+                || self.cuts.get(&Self::pair(r, o)).is_some_and(|n| *n > 0);
+            if cut {
+                sim.partition(replica(r), replica(o));
+            } else {
+                sim.repair(replica(r), replica(o));
+            }
+        }
+        for h in 0..HOSTS {
+            let name = format!("h{}", h + 1);
+            if self.down.contains(&r) {
+                sim.partition(replica(r), name);
+            } else {
+                sim.repair(replica(r), name);
+            }
+        }
+    }
+
+    fn crash(&mut self, sim: &mut turmoil::Sim<'_>, r: usize) {
+        self.down.insert(r);
+        self.sync(sim, r);
+        sim.crash(replica(r));
+    }
+
+    fn cut(&mut self, sim: &mut turmoil::Sim<'_>, a: usize, b: usize) {
+        *self.cuts.entry(Self::pair(a, b)).or_default() += 1;
+        self.sync(sim, a);
+    }
+
+    fn undo(&mut self, sim: &mut turmoil::Sim<'_>, u: Undo) {
+        match u {
+            Undo::Restart(r) => {
+                self.down.remove(&r);
+                self.sync(sim, r);
+                sim.bounce(replica(r));
+            }
+            Undo::Uncut(a, b) => {
+                if let Some(n) = self.cuts.get_mut(&Self::pair(a, b)) {
+                    *n = n.saturating_sub(1);
+                }
+                self.sync(sim, a);
+            }
+            Undo::Lossless(a, b) => sim.set_link_fail_rate(replica(a), replica(b), 0.0),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Fault {
@@ -104,6 +201,7 @@ pub fn run(seed: u64) -> Result<Report, String> {
     let obs = Arc::new(Mutex::new(Observed {
         tables: vec![Vec::new(); HOSTS],
         last: vec![None; HOSTS],
+        last_settled: vec![0; HOSTS],
         ..Default::default()
     }));
     let peers: BTreeMap<u64, String> = (0..REPLICAS)
@@ -157,6 +255,7 @@ pub fn run(seed: u64) -> Result<Report, String> {
                 Options { heartbeat: Duration::from_secs(1), dial: net::dial() },
             );
             let mut rx = client.subscribe();
+            let mut settled = client.subscribe_settled();
             let end = tokio::time::sleep(RUN);
             tokio::pin!(end);
             loop {
@@ -169,13 +268,27 @@ pub fn run(seed: u64) -> Result<Report, String> {
                         let t = rx.borrow_and_update().clone();
                         let names: BTreeSet<String> = t.hosts.iter().map(|h| h.name.clone()).collect();
                         let mut o = obs.lock().expect("lock");
-                        o.trace.push(format!("h{} v{} n{}", i + 1, t.version, names.len()));
+                        o.trace.push(format!("{} h{} v{} n{}", now(), i + 1, t.version, names.len()));
                         o.tables[i].push((t.version, names));
+                        // This host applies every table at once (it runs no actors to drain).
+                        o.events.push(Event::Applied(i, t.version));
+                        client.set_applied(t.version);
+                    }
+                    r = settled.changed() => {
+                        if r.is_err() {
+                            break;
+                        }
+                        let s = *settled.borrow_and_update();
+                        let mut o = obs.lock().expect("lock");
+                        o.trace.push(format!("{} h{} s{s}", now(), i + 1));
+                        o.events.push(Event::Settled(i, s));
                     }
                 }
             }
             let t = client.table();
-            obs.lock().expect("lock").last[i] = Some((t.version, t.hosts.iter().map(|h| h.name.clone()).collect()));
+            let mut o = obs.lock().expect("lock");
+            o.last[i] = Some((t.version, t.hosts.iter().map(|h| h.name.clone()).collect()));
+            o.last_settled[i] = client.settled();
             Ok(())
         });
     }
@@ -214,7 +327,7 @@ pub fn run(seed: u64) -> Result<Report, String> {
 
     // Undo actions: (time, what).
     let mut undo: Vec<(Duration, Undo)> = Vec::new();
-    let mut down: BTreeSet<usize> = BTreeSet::new();
+    let mut links = Links::default();
     let mut healed = false;
     let mut next = 0;
     loop {
@@ -223,25 +336,19 @@ pub fn run(seed: u64) -> Result<Report, String> {
             match schedule[next].1.clone() {
                 Fault::KillLeader { down: d } => {
                     let leader = obs.lock().expect("lock").leader;
-                    if let Some(l) = leader.map(|l| l as usize - 1).filter(|_| down.is_empty()) {
-                        sim.crash(replica(l));
-                        down.insert(l);
+                    if let Some(l) = leader
+                        .map(|l| l as usize - 1)
+                        .filter(|_| links.down.is_empty())
+                    {
+                        links.crash(&mut sim, l);
                         obs.lock().expect("lock").leader = None;
-                        undo.push((
-                            now + d,
-                            Box::new(move |s: &mut turmoil::Sim<'_>| s.bounce(replica(l))),
-                        ));
+                        undo.push((now + d, Undo::Restart(l)));
                     }
                 }
                 Fault::Partition { replica: r, for_ } => {
                     for o in (0..REPLICAS).filter(|o| *o != r) {
-                        sim.partition(replica(r), replica(o));
-                        undo.push((
-                            now + for_,
-                            Box::new(move |s: &mut turmoil::Sim<'_>| {
-                                s.repair(replica(r), replica(o))
-                            }),
-                        ));
+                        links.cut(&mut sim, r, o);
+                        undo.push((now + for_, Undo::Uncut(r, o)));
                     }
                 }
                 Fault::Lossy {
@@ -251,36 +358,28 @@ pub fn run(seed: u64) -> Result<Report, String> {
                     for_,
                 } => {
                     sim.set_link_fail_rate(replica(a), replica(b), rate_pct as f64 / 100.0);
-                    undo.push((
-                        now + for_,
-                        Box::new(move |s: &mut turmoil::Sim<'_>| {
-                            s.set_link_fail_rate(replica(a), replica(b), 0.0)
-                        }),
-                    ));
+                    undo.push((now + for_, Undo::Lossless(a, b)));
                 }
             }
             next += 1;
         }
         let (due, rest): (Vec<_>, Vec<_>) = undo.into_iter().partition(|(at, _)| *at <= now);
         undo = rest;
-        for (_, f) in due {
-            f(&mut sim);
+        for (_, u) in due {
+            links.undo(&mut sim, u);
         }
         if !healed && now >= HEAL_AT {
             healed = true;
+            for (_, u) in std::mem::take(&mut undo) {
+                links.undo(&mut sim, u);
+            }
             for a in 0..REPLICAS {
                 for b in (a + 1)..REPLICAS {
                     sim.repair(replica(a), replica(b));
                     sim.set_link_fail_rate(replica(a), replica(b), 0.0);
                 }
             }
-            for (_, f) in std::mem::take(&mut undo) {
-                f(&mut sim);
-            }
-            down.clear();
         }
-        // Bounced replicas are up again.
-        down.retain(|r| !sim.is_host_running(replica(*r)));
         match sim.step() {
             Ok(true) => break,
             Ok(false) => {}
@@ -347,12 +446,71 @@ fn check(seed: u64, o: &Observed) -> Result<(), String> {
             "seed {seed}: hosts disagree after healing: versions {versions:?}"
         ));
     }
-    match o.last[0].as_ref() {
-        Some((_, names)) if names == &everyone => {}
+    let final_version = match o.last[0].as_ref() {
+        Some((v, names)) if names == &everyone => *v,
         other => {
             return Err(format!(
                 "seed {seed}: final table is not every host: {other:?}"
             ))
+        }
+    };
+    check_settled(seed, o)?;
+    // Oracle 6: after healing, every host knows the final version as settled.
+    if o.last_settled.iter().any(|s| *s != final_version) {
+        return Err(format!(
+            "seed {seed}: settled versions after healing {:?}, final table version {final_version}",
+            o.last_settled
+        ));
+    }
+    Ok(())
+}
+
+/// Oracle 5: no host ever learns a settled version `s` while a host listed in table `s` has not
+/// applied `s` yet.
+///
+/// The hosts are the only ones who can say what they applied, so the check replays the events in
+/// the order they happened. The listing of table `s` is taken from the hosts' own copies of it;
+/// if no host received `s` itself (each skipped straight to a later one), from the latest earlier
+/// table any host received. That is still sound here: hosts are never removed in this simulation
+/// (oracle 4), so a table lists every host that an earlier one listed, and the check covers a
+/// subset of the hosts of `s`; it is exact whenever any host received `s`, which is nearly always.
+fn check_settled(seed: u64, o: &Observed) -> Result<(), String> {
+    let mut listed: BTreeMap<u64, &BTreeSet<String>> = BTreeMap::new();
+    for seen in &o.tables {
+        for (v, names) in seen {
+            listed.entry(*v).or_insert(names);
+        }
+    }
+    let index: BTreeMap<String, usize> = (0..HOSTS).map(|i| (host_name(i), i)).collect();
+    let mut applied = [0u64; HOSTS];
+    let mut settled = [0u64; HOSTS];
+    for e in &o.events {
+        match *e {
+            Event::Applied(i, v) => applied[i] = applied[i].max(v),
+            Event::Settled(i, s) => {
+                if s < settled[i] {
+                    return Err(format!(
+                        "seed {seed}: host h{} saw settled {s} after {}",
+                        i + 1,
+                        settled[i]
+                    ));
+                }
+                settled[i] = s;
+                let Some((_, names)) = listed.range(..=s).next_back() else {
+                    return Err(format!("seed {seed}: settled {s} before any table"));
+                };
+                for name in names.iter() {
+                    let j = index[name];
+                    if applied[j] < s {
+                        return Err(format!(
+                            "seed {seed}: host h{} learned settled {s} while h{} had applied only {}",
+                            i + 1,
+                            j + 1,
+                            applied[j]
+                        ));
+                    }
+                }
+            }
         }
     }
     Ok(())
@@ -366,22 +524,35 @@ async fn watch_leadership(node: Arc<Node>, obs: Arc<Mutex<Observed>>) {
         {
             let m = metrics.borrow_and_update().clone();
             let mut o = obs.lock().expect("lock");
-            if debug {
-                let line = format!(
-                    "r{} t{} {:?} vote={} last_log={:?}",
-                    m.id, m.current_term, m.state, m.vote, m.last_log_index
-                );
-                if last_line.as_ref() != Some(&line) {
-                    eprintln!("{:?} {line}", tokio::time::Instant::now());
-                    last_line = Some(line);
+            // Every change of this replica's Raft state goes into the trace (and, with
+            // SIM_DEBUG, to stderr): the finest record of a run that stays cheap.
+            let line = format!(
+                "r{} t{} {:?} vote={} last_log={:?} applied={:?}",
+                m.id,
+                m.current_term,
+                m.state,
+                m.vote,
+                m.last_log_index,
+                m.last_applied.map(|l| l.index)
+            );
+            if last_line.as_ref() != Some(&line) {
+                if debug {
+                    eprintln!("{} {line}", now());
                 }
+                o.trace.push(format!("{} {line}", now()));
+                last_line = Some(line);
             }
             if m.state == openraft::ServerState::Leader {
                 o.leaders.entry(m.current_term).or_default().insert(m.id);
             }
             if node.is_leader() {
+                if o.leader != Some(m.id) {
+                    o.trace
+                        .push(format!("{} r{} leads t{}", now(), m.id, m.current_term));
+                }
                 o.leader = Some(m.id);
             } else if o.leader == Some(m.id) {
+                o.trace.push(format!("{} r{} stops", now(), m.id));
                 o.leader = None;
             }
         }

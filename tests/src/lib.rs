@@ -34,6 +34,7 @@ pub fn free_port() -> u16 {
 pub struct Sidecar {
     pub child: Child,
     pub port: u16,
+    pub metrics_port: u16,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub client: reqwest::Client,
@@ -52,9 +53,25 @@ impl Sidecar {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Sidecar {
-        let port = free_port();
+        Self::start_on(free_port(), app_id, data_dir, extra, env).await
+    }
+
+    /// Like [`Sidecar::start_with_env`] on a given HTTP port (to restart a host where its app
+    /// expects it).
+    pub async fn start_on(
+        port: u16,
+        app_id: &str,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Sidecar {
+        let metrics_port = free_port();
         let log = data_dir.with_extension(format!("{port}.log"));
-        let out = std::fs::File::create(&log).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let mut cmd = Command::new(tessera_bin());
         cmd.args([
             "host",
@@ -62,6 +79,8 @@ impl Sidecar {
             app_id,
             "--dapr-http-port",
             &port.to_string(),
+            "--metrics-port",
+            &metrics_port.to_string(),
             "--data-dir",
         ])
         .arg(data_dir)
@@ -74,6 +93,7 @@ impl Sidecar {
         let mut s = Sidecar {
             child,
             port,
+            metrics_port,
             data_dir: data_dir.to_path_buf(),
             log,
             client: reqwest::Client::new(),
@@ -113,6 +133,23 @@ impl Sidecar {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The value of a Prometheus counter or gauge on `GET /metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self
+            .client
+            .get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// `kill -9`.
@@ -279,6 +316,239 @@ impl Replica {
 }
 
 impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One actor host: a `tessera host` and its app, started separately so that the host can be
+/// killed, paused or restarted while the app keeps running.
+pub struct ActorHost {
+    pub sidecar: Option<Sidecar>,
+    app: Child,
+    pub http_port: u16,
+    data_dir: PathBuf,
+    pub journal: PathBuf,
+    /// Jobs and reminders the app received.
+    pub events: PathBuf,
+    app_id: String,
+    extra: Vec<String>,
+}
+
+impl ActorHost {
+    /// Starts `app_bin` (the `turn_app` test app) on a free port, then a host for it.
+    pub async fn start(
+        app_bin: &Path,
+        dir: &Path,
+        name: &str,
+        app_id: &str,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> ActorHost {
+        let app_port = free_port();
+        let http_port = free_port();
+        let data_dir = dir.join(name);
+        let journal = dir.join(format!("{name}.journal"));
+        let app_log = std::fs::File::create(dir.join(format!("{name}.app.log"))).unwrap();
+        let events = dir.join(format!("{name}.events"));
+        let app = Command::new(app_bin)
+            .env("APP_PORT", app_port.to_string())
+            .env("DAPR_HTTP_PORT", http_port.to_string())
+            .env("JOURNAL", &journal)
+            .env("EVENTS", &events)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(app_log.try_clone().unwrap())
+            .stderr(app_log)
+            .spawn()
+            .unwrap();
+        let mut extra = extra.to_vec();
+        extra.extend(["--app-port".to_string(), app_port.to_string()]);
+        let mut h = ActorHost {
+            sidecar: None,
+            app,
+            http_port,
+            data_dir,
+            journal,
+            events,
+            app_id: app_id.to_string(),
+            extra,
+        };
+        h.restart().await;
+        h
+    }
+
+    pub async fn restart(&mut self) {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let s = Sidecar::start_on(self.http_port, &self.app_id, &self.data_dir, &extra, &[]).await;
+        self.sidecar = Some(s);
+    }
+
+    pub fn sidecar(&self) -> &Sidecar {
+        self.sidecar.as_ref().expect("sidecar running")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.sidecar().child.id() as i32)
+    }
+
+    /// Waits until the host reports its actor types registered and a placement lease.
+    pub async fn wait_hosting(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = self
+                .sidecar()
+                .client
+                .get(self.url("/v1.0/metadata"))
+                .send()
+                .await
+            {
+                if let Ok(v) = r.json::<serde_json::Value>().await {
+                    if v["actorRuntime"]["hostReady"] == true {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "host never became ready:\n{}",
+                self.sidecar().logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ActorHost {
+    fn drop(&mut self) {
+        let _ = self.app.kill();
+        let _ = self.app.wait();
+    }
+}
+
+/// A `tessera scheduler` replica process.
+pub struct SchedulerReplica {
+    pub id: u64,
+    pub port: u16,
+    pub http_port: u16,
+    pub data_dir: PathBuf,
+    pub cluster: String,
+    pub child: Option<Child>,
+}
+
+impl SchedulerReplica {
+    /// Ports and directories for a cluster of `n` replicas (not started).
+    pub fn cluster(n: u64, dir: &Path) -> Vec<SchedulerReplica> {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, (port, http_port))| SchedulerReplica {
+                id: i as u64 + 1,
+                port,
+                http_port,
+                data_dir: dir.join(format!("scheduler-{}", i + 1)),
+                cluster: cluster.clone(),
+                child: None,
+            })
+            .collect()
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the process (its log goes to `<data dir>.log`).
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(tessera_bin())
+            .args([
+                "scheduler",
+                "--id",
+                &self.id.to_string(),
+                "--initial-cluster",
+                &self.cluster,
+            ])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--healthz-port",
+                &self.http_port.to_string(),
+                "--data-dir",
+            ])
+            .arg(&self.data_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Waits until `GET /healthz` answers 200.
+    pub async fn wait_healthy(&self, client: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = client
+                .get(format!("http://127.0.0.1:{}/healthz", self.http_port))
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "scheduler {} not healthy in 20 s:\n{}",
+                self.id,
+                std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The value of a counter or gauge on `GET /metrics` (`None` if the replica does not answer).
+    pub async fn metric(&self, client: &reqwest::Client, name: &str) -> Option<u64> {
+        self.child.as_ref()?;
+        let text = client
+            .get(format!("http://127.0.0.1:{}/metrics", self.http_port))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    }
+}
+
+impl Drop for SchedulerReplica {
     fn drop(&mut self) {
         self.kill9();
     }

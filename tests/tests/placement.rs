@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use e2e::Replica;
@@ -15,8 +15,20 @@ const LEASE: &str = "3s";
 /// and running them together would measure CPU starvation, not placement.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn host(i: usize, tag: &str, replicas: &[Replica]) -> Client {
-    Client::spawn(
+/// A simulated host: a placement client that applies every table as soon as it arrives (it runs
+/// no actors, so there is nothing to drain). Dropping it is a crash: the session stops.
+struct Host(Arc<Client>);
+
+impl std::ops::Deref for Host {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.0
+    }
+}
+
+fn host(i: usize, tag: &str, replicas: &[Replica]) -> Host {
+    let client = Arc::new(Client::spawn(
         replicas.iter().map(Replica::addr).collect(),
         Registration {
             name: format!("127.0.0.{}:{}", 1 + i / 60000, 1000 + i % 60000) + tag,
@@ -25,7 +37,34 @@ fn host(i: usize, tag: &str, replicas: &[Replica]) -> Client {
             namespace: "default".into(),
         },
         Options::default(),
-    )
+    ));
+    let weak: Weak<Client> = Arc::downgrade(&client);
+    let mut tables = client.subscribe();
+    tokio::spawn(async move {
+        while tables.changed().await.is_ok() {
+            let v = tables.borrow_and_update().version;
+            match weak.upgrade() {
+                Some(c) => c.set_applied(v),
+                None => return,
+            }
+        }
+    });
+    Host(client)
+}
+
+/// Waits until every client knows `version` as settled; returns how long that took.
+async fn settle(clients: &[Host], version: u64, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if clients.iter().all(|c| c.settled() >= version) {
+            return start.elapsed();
+        }
+        if start.elapsed() > within {
+            let seen: BTreeSet<u64> = clients.iter().map(|c| c.settled()).collect();
+            panic!("version {version} not settled within {within:?}: hosts saw {seen:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Starts 3 replicas (not waiting for a leader). The temp dir must live as long as they do.
@@ -83,7 +122,7 @@ async fn wait_leader(
 }
 
 /// Waits until every client holds the same version with exactly `names`; returns the version.
-async fn converge(clients: &[Client], names: &BTreeSet<String>, within: Duration) -> u64 {
+async fn converge(clients: &[Host], names: &BTreeSet<String>, within: Duration) -> u64 {
     let start = Instant::now();
     loop {
         let tables: Vec<_> = clients.iter().map(|c| c.table()).collect();
@@ -101,7 +140,7 @@ async fn converge(clients: &[Client], names: &BTreeSet<String>, within: Duration
     }
 }
 
-fn names(clients: &[(String, Client)]) -> BTreeSet<String> {
+fn names(clients: &[(String, Host)]) -> BTreeSet<String> {
     clients.iter().map(|(n, _)| n.clone()).collect()
 }
 
@@ -109,7 +148,7 @@ fn spawn_hosts(
     range: std::ops::Range<usize>,
     tag: &str,
     replicas: &[Replica],
-) -> Vec<(String, Client)> {
+) -> Vec<(String, Host)> {
     range
         .map(|i| {
             let c = host(i, tag, replicas);
@@ -122,7 +161,7 @@ fn spawn_hosts(
 }
 
 /// Counts tables seen by a watcher that miss any of `expected` (a host removed while alive).
-fn watch_for_removals(client: &Client, expected: BTreeSet<String>) -> Arc<AtomicUsize> {
+fn watch_for_removals(client: &Host, expected: BTreeSet<String>) -> Arc<AtomicUsize> {
     let bad = Arc::new(AtomicUsize::new(0));
     let mut rx = client.subscribe();
     let b = bad.clone();
@@ -150,7 +189,7 @@ async fn leader_kills_keep_every_heartbeating_host() {
     wait_leader(&replicas, &http, Duration::from_secs(10)).await;
     let hosts = spawn_hosts(0..20, "", &replicas);
     let expected = names(&hosts);
-    let clients: Vec<Client> = hosts.into_iter().map(|(_, c)| c).collect();
+    let clients: Vec<Host> = hosts.into_iter().map(|(_, c)| c).collect();
     let v0 = converge(&clients, &expected, Duration::from_secs(10)).await;
     let removals = watch_for_removals(&clients[0], expected.clone());
     let mut worst_election = Duration::ZERO;
@@ -185,6 +224,21 @@ async fn leader_kills_keep_every_heartbeating_host() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let converged = killed.elapsed();
+        // The new leader starts its settled version from 0 and learns from the hosts' reports
+        // that every one of them applied v.
+        settle(&clients, v, Duration::from_secs(5)).await;
+        loop {
+            let s = replicas[new].state(&http).await.unwrap();
+            if s["settledVersion"].as_u64() == Some(v) {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(6),
+                "round {round}: the new leader did not settle version {v}: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let settled = killed.elapsed();
         assert!(v >= v0);
         let state = replicas[new].state(&http).await.unwrap();
         assert_eq!(
@@ -193,10 +247,10 @@ async fn leader_kills_keep_every_heartbeating_host() {
             "hosts hold the leader's version"
         );
         assert!(
-            clients.iter().all(Client::lease_valid),
+            clients.iter().all(|c| c.lease_valid()),
             "every host holds a lease from the new leader"
         );
-        eprintln!("round {round}: new leader in {elected:?}, all 20 hosts on version {v} after {converged:?}");
+        eprintln!("round {round}: new leader in {elected:?}, all 20 hosts on version {v} after {converged:?}, settled after {settled:?}");
         worst_election = worst_election.max(elected);
         worst_convergence = worst_convergence.max(converged);
         replicas[old].start();
@@ -241,7 +295,7 @@ async fn crashed_hosts_leave_after_their_lease_and_the_rest_converge() {
     let mut hosts = spawn_hosts(0..20, "", &replicas);
     let all = names(&hosts);
     let v1 = {
-        let clients: Vec<&Client> = hosts.iter().map(|(_, c)| c).collect();
+        let clients: Vec<&Host> = hosts.iter().map(|(_, c)| c).collect();
         let start = Instant::now();
         loop {
             let t = clients[0].table();
@@ -257,13 +311,16 @@ async fn crashed_hosts_leave_after_their_lease_and_the_rest_converge() {
     };
     assert!(all.len() == 20);
     // "kill -9" five hosts: their sessions vanish without a goodbye.
-    let crashed: Vec<(String, Client)> = hosts.drain(..5).collect();
+    let crashed: Vec<(String, Host)> = hosts.drain(..5).collect();
     let crashed_at = Instant::now();
     drop(crashed);
     let remaining = names(&hosts);
-    let clients: Vec<Client> = hosts.into_iter().map(|(_, c)| c).collect();
+    let clients: Vec<Host> = hosts.into_iter().map(|(_, c)| c).collect();
     let v2 = converge(&clients, &remaining, Duration::from_secs(10)).await;
     let gone_after = crashed_at.elapsed();
+    // Versions listing the crashed hosts could not settle (they never applied them); the one
+    // without them does.
+    settle(&clients, v2, Duration::from_secs(5)).await;
     assert!(v2 > v1);
     assert!(
         gone_after >= Duration::from_millis(2900),
@@ -279,7 +336,7 @@ async fn cold_restart_of_all_replicas_recovers_membership_from_disk() {
     wait_leader(&replicas, &http, Duration::from_secs(10)).await;
     let hosts = spawn_hosts(0..20, "", &replicas);
     let expected = names(&hosts);
-    let clients: Vec<Client> = hosts.into_iter().map(|(_, c)| c).collect();
+    let clients: Vec<Host> = hosts.into_iter().map(|(_, c)| c).collect();
     let v1 = converge(&clients, &expected, Duration::from_secs(10)).await;
     for r in &mut replicas {
         r.kill9();
@@ -379,17 +436,18 @@ async fn rollout_of_200_hosts_keeps_one_leader_and_settles() {
         })
     };
     // The rollout: in 10 waves over ~20 s, 20 old hosts stop and 20 new ones start.
-    let mut new: Vec<(String, Client)> = Vec::new();
+    let mut new: Vec<(String, Host)> = Vec::new();
     for wave in 0..10 {
-        let leaving: Vec<(String, Client)> = old.drain(..20).collect();
+        let leaving: Vec<(String, Host)> = old.drain(..20).collect();
         drop(leaving);
         new.extend(spawn_hosts(wave * 20..wave * 20 + 20, "-new", &replicas));
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     assert!(old.is_empty());
     let new_names = names(&new);
-    let clients: Vec<Client> = new.into_iter().map(|(_, c)| c).collect();
+    let clients: Vec<Host> = new.into_iter().map(|(_, c)| c).collect();
     let v_after = converge(&clients, &new_names, Duration::from_secs(15)).await;
+    settle(&clients, v_after, Duration::from_secs(5)).await;
     stop.store(true, Ordering::Relaxed);
     watcher.await.unwrap();
     let terms = terms.lock().unwrap().clone();

@@ -14,6 +14,7 @@
 //! - Expired keys are absent for every purpose (reads, ETag checks, first-write creates).
 //! - When a write returns `Ok`, it is durable as far as the backend offers durability.
 
+pub mod fence;
 pub mod postgres;
 pub mod redis;
 pub mod sled;

@@ -1,0 +1,366 @@
+//! Durable jobs and actor reminders on the host: Dapr's Jobs API (`/v1.0-alpha1/jobs/{name}`,
+//! also under `/v1.0/jobs`), the actor reminder routes, and the delivery of their ticks.
+//!
+//! Jobs live in a [`JobsBackend`]: by default the embedded scheduler (`scheduler::engine`: a
+//! durable job store under the data directory and one trigger loop, standalone mode); with
+//! `--scheduler-host-address` the scheduler service, reached through `scheduler::client`, which
+//! also keeps the host's watch streams open once the actor runtime knows its types. Either way the
+//! same [`HostSink`] delivers the ticks: to the app (`POST /job/{name}`) or, for a reminder,
+//! through the actor runtime to the actor's owner (`PUT /actors/{type}/{id}/method/remind/{name}`),
+//! activating it if needed. The result is the acknowledgement (a reminder's carries the fencing
+//! epoch of the activation that ran it), and a failed tick is retried per the job's failure
+//! policy. A delivery that stands for several missed ticks says so in the `Tessera-Missed-Ticks`
+//! header, and every delivery carries its tick's number in `Tessera-Tick-Sequence`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::Utc;
+use scheduler::backend::{BackendError, Created, JobsBackend};
+use scheduler::engine::{Delivered, DeliveryError, Engine, EngineConfig, Sink, SystemClock, Tick};
+use scheduler::job::{
+    parse_job_request, parse_reminder_request, AppScope, JobKey, ReminderRef, ReminderScope,
+    RequestError, Target,
+};
+use scheduler::store::{JobStore, StoreError};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::actors::activation::ActorKey;
+use crate::actors::app_channel::{AppChannel, AppRequest};
+use crate::actors::{encode, ActorRuntime, EPOCH_HEADER};
+use crate::body;
+use crate::error::{ApiError, ApiPath};
+use crate::Shared;
+
+/// The header that tells the app how many further ticks a delivery stands for.
+pub const MISSED_HEADER: &str = "tessera-missed-ticks";
+
+/// The header that tells the app which tick (1-based) a delivery is, so it can deduplicate.
+pub const SEQUENCE_HEADER: &str = "tessera-tick-sequence";
+
+/// Delivers ticks for this host, from the embedded engine or from the scheduler service.
+pub struct HostSink {
+    runtime: Arc<ActorRuntime>,
+    app: Option<Arc<dyn AppChannel>>,
+}
+
+impl Sink for HostSink {
+    fn deliver(
+        &self,
+        tick: Tick,
+    ) -> impl std::future::Future<Output = Result<Delivered, DeliveryError>> + Send + 'static {
+        let runtime = self.runtime.clone();
+        let app = self.app.clone();
+        async move {
+            let failed = |m: String| DeliveryError::Failed(m);
+            let mut headers = HeaderMap::new();
+            headers.insert("content-type", HeaderValue::from_static("application/json"));
+            if tick.missed > 0 {
+                headers.insert(MISSED_HEADER, HeaderValue::from(tick.missed));
+            }
+            headers.insert(SEQUENCE_HEADER, HeaderValue::from(tick.sequence));
+            let data: Option<Value> = if tick.data.is_empty() {
+                None
+            } else {
+                serde_json::from_slice(&tick.data).ok()
+            };
+            match &tick.target {
+                Target::App { .. } => {
+                    let Some(app) = app else {
+                        return Err(failed("this host has no app to deliver jobs to".into()));
+                    };
+                    let body = serde_json::to_vec(&data.unwrap_or(Value::Null)).unwrap_or_default();
+                    let req = AppRequest {
+                        method: Method::POST,
+                        path: format!("/job/{}", encode(&tick.name)),
+                        headers,
+                        body: Bytes::from(body),
+                    };
+                    match app.call(req).await {
+                        // 404: the app has no handler; Dapr counts it as delivered.
+                        Ok(r) if r.status.is_success() || r.status == StatusCode::NOT_FOUND => {
+                            Ok(Delivered::default())
+                        }
+                        Ok(r) => Err(failed(format!("the app answered {}", r.status))),
+                        Err(e) => Err(failed(e.to_string())),
+                    }
+                }
+                Target::ActorReminder {
+                    actor_type,
+                    actor_id,
+                    ..
+                } => {
+                    let spec = &tick.spec;
+                    let mut body = json!({
+                        "dueTime": spec.due_time.clone().unwrap_or_default(),
+                        "period": spec.period.clone().unwrap_or_default(),
+                    });
+                    if let Some(d) = data {
+                        body["data"] = d;
+                    }
+                    let key = ActorKey::new(actor_type.clone(), actor_id.clone());
+                    let path = format!("method/remind/{}", encode(&tick.name));
+                    let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+                    match runtime.call(&key, &path, headers, body).await {
+                        Ok(r) if r.status == StatusCode::OK => Ok(Delivered {
+                            epoch: r
+                                .headers
+                                .get(EPOCH_HEADER)
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse().ok()),
+                        }),
+                        Ok(r) => Err(failed(format!("the actor answered {}", r.status))),
+                        Err(e) => Err(failed(e.message)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Starts the jobs backend until `stop`: the scheduler service at `scheduler_addresses` if any
+/// (watch streams open once the actor runtime has started, and for a host of actor types once
+/// placement lists it), else the embedded store under `dir` and its trigger loop.
+pub fn start(
+    dir: &std::path::Path,
+    scheduler_addresses: &[String],
+    scope: AppScope,
+    runtime: Arc<ActorRuntime>,
+    stop: CancellationToken,
+) -> Result<Arc<dyn JobsBackend>, StartError> {
+    let sink = Arc::new(HostSink {
+        app: runtime.app().cloned(),
+        runtime: runtime.clone(),
+    });
+    if !scheduler_addresses.is_empty() {
+        let client = scheduler::client::Client::new(scheduler_addresses, Duration::from_secs(10))
+            .map_err(|e| StartError::Remote(e.to_string()))?;
+        let c = client.clone();
+        tokio::spawn(async move {
+            loop {
+                let ready =
+                    runtime.started() && (runtime.settings().types.is_empty() || runtime.hosting());
+                if ready {
+                    break;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+            let reg = scheduler::client::Registration {
+                app_id: scope.app_id,
+                namespace: scope.namespace,
+                actor_types: runtime.settings().types.keys().cloned().collect(),
+                host_name: runtime.host_address().to_string(),
+            };
+            c.watch(reg, sink, stop);
+        });
+        return Ok(client);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let store = Arc::new(JobStore::open(dir)?);
+    let engine = Engine::new(store, Arc::new(SystemClock), sink, EngineConfig::default());
+    let handle = engine.handle();
+    tokio::spawn(engine.run(async move { stop.cancelled().await }));
+    Ok(Arc::new(handle))
+}
+
+/// Why the jobs backend did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("scheduler client: {0}")]
+    Remote(String),
+}
+
+fn backend_error(code: &'static str, e: BackendError) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        code,
+        format!("scheduler: {e}"),
+    )
+}
+
+fn request_error(e: RequestError) -> ApiError {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    ApiError::new(status, e.error_code(), e.to_string())
+}
+
+fn scope(shared: &Shared) -> AppScope {
+    AppScope {
+        app_id: shared.config.app_id.clone(),
+        namespace: shared.config.namespace.clone(),
+    }
+}
+
+/// `POST|GET|DELETE /v1.0-alpha1/jobs/{name}` (and `/v1.0/jobs/{name}`).
+pub async fn job(
+    State(shared): State<Arc<Shared>>,
+    ApiPath(name): ApiPath<String>,
+    verb: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let jobs = &shared.jobs;
+    let s = scope(&shared);
+    let key = JobKey::app(&s.namespace, &s.app_id, &name);
+    match verb {
+        Method::POST | Method::PUT => {
+            let bytes = body::read(&headers, body, shared.config.max_body_bytes).await?;
+            let req = parse_job_request(&name, &bytes, &s, Utc::now()).map_err(request_error)?;
+            match jobs
+                .create(req.job.clone(), req.overwrite)
+                .await
+                .map_err(|e| backend_error("DAPR_SCHEDULER_SCHEDULE_JOB", e))?
+            {
+                Created::AlreadyExists => {
+                    Err(request_error(RequestError::already_exists(&req.job)))
+                }
+                _ => Ok(StatusCode::NO_CONTENT.into_response()),
+            }
+        }
+        Method::GET => {
+            let Some(j) = jobs
+                .get(&key)
+                .await
+                .map_err(|e| backend_error("DAPR_SCHEDULER_GET_JOB", e))?
+            else {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "DAPR_SCHEDULER_JOB_NOT_FOUND",
+                    format!("job {name:?} not found"),
+                ));
+            };
+            let mut out = json!({ "name": name });
+            let spec = &j.spec;
+            if let Some(v) = &spec.schedule {
+                out["schedule"] = json!(v);
+            }
+            if let Some(v) = &spec.due_time {
+                out["dueTime"] = json!(v);
+            }
+            if let Some(v) = &spec.ttl {
+                out["ttl"] = json!(v);
+            }
+            if let Some(r) = j.repeats {
+                out["repeats"] = json!(r);
+            }
+            if !j.data.is_empty() {
+                if let Ok(d) = serde_json::from_slice::<Value>(&j.data) {
+                    out["data"] = d;
+                }
+            }
+            Ok(axum::Json(out).into_response())
+        }
+        Method::DELETE => {
+            jobs.delete(&key)
+                .await
+                .map_err(|e| backend_error("DAPR_SCHEDULER_DELETE_JOB", e))?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        other => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "ERR_BAD_REQUEST",
+            format!("jobs take POST, GET or DELETE, not {other}"),
+        )),
+    }
+}
+
+/// `POST|PUT|GET|DELETE /v1.0/actors/{type}/{id}/reminders/{name}`.
+pub async fn reminder(
+    State(shared): State<Arc<Shared>>,
+    ApiPath((actor_type, actor_id, name)): ApiPath<(String, String, String)>,
+    verb: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = crate::actors::api::actor_key(actor_type, actor_id)?;
+    if !shared.actors.settings().types.contains_key(&key.actor_type) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "ERR_ACTOR_REMINDER_NON_HOSTED",
+            format!(
+                "operations on actor reminders are only possible on hosts that host the actor type {:?}",
+                key.actor_type
+            ),
+        ));
+    }
+    let ns = shared.config.namespace.clone();
+    let job_key = JobKey::reminder(&ns, &key.actor_type, &key.actor_id, &name);
+    let jobs = &shared.jobs;
+    match verb {
+        Method::POST | Method::PUT => {
+            let bytes = body::read(&headers, body, shared.config.max_body_bytes).await?;
+            let r = ReminderRef {
+                actor_type: &key.actor_type,
+                actor_id: &key.actor_id,
+                name: &name,
+            };
+            let scope = ReminderScope {
+                app_id: Some(shared.config.app_id.clone()),
+                namespace: ns,
+            };
+            let req =
+                parse_reminder_request(r, &bytes, &scope, Utc::now()).map_err(request_error)?;
+            match jobs
+                .create(req.job, req.overwrite)
+                .await
+                .map_err(|e| backend_error("ERR_ACTOR_REMINDER_CREATE", e))?
+            {
+                Created::AlreadyExists => {
+                    Err(request_error(RequestError::ReminderAlreadyExists(name)))
+                }
+                _ => Ok(StatusCode::NO_CONTENT.into_response()),
+            }
+        }
+        Method::GET => {
+            let Some(j) = jobs
+                .get(&job_key)
+                .await
+                .map_err(|e| backend_error("ERR_ACTOR_REMINDER_GET", e))?
+            else {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "ERR_ACTOR_REMINDER_NOT_FOUND",
+                    format!("reminder {name:?} not found for actor {key}"),
+                ));
+            };
+            let mut out = json!({ "actorID": key.actor_id, "actorType": key.actor_type });
+            let spec = &j.spec;
+            if let Some(v) = spec.due_time.as_ref().filter(|v| !v.is_empty()) {
+                out["dueTime"] = json!(v);
+            }
+            if let Some(v) = spec.period.as_ref().filter(|v| !v.is_empty()) {
+                out["period"] = json!(v);
+            }
+            if let Some(v) = spec.ttl.as_ref().filter(|v| !v.is_empty()) {
+                out["ttl"] = json!(v);
+            }
+            if !j.data.is_empty() {
+                if let Ok(d) = serde_json::from_slice::<Value>(&j.data) {
+                    out["data"] = d;
+                }
+            }
+            Ok(axum::Json(out).into_response())
+        }
+        Method::DELETE => {
+            jobs.delete(&job_key)
+                .await
+                .map_err(|e| backend_error("ERR_ACTOR_REMINDER_DELETE", e))?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        other => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "ERR_BAD_REQUEST",
+            format!("reminders take POST, PUT, GET or DELETE, not {other}"),
+        )),
+    }
+}

@@ -1,0 +1,355 @@
+//! The scheduler service (`tessera scheduler`): the durable job store and trigger loop behind a
+//! gRPC API for hosts, plus health and metrics.
+//!
+//! - `ScheduleJob` / `GetJob` / `DeleteJob` carry the job as `scheduler::job::Job` JSON; the
+//!   host has already validated the request with Dapr's rules, so the scheduler only decodes it.
+//!   A create or delete is answered once durable.
+//! - `WatchJobs`: a host opens it with its app id, namespace and actor types, then receives
+//!   triggers and acknowledges each one ([`crate::hub`]).
+//! - HTTP on the health port: `GET /healthz`, and `GET /metrics` in Prometheus text (fires, acks,
+//!   failures, unroutable ticks, jobs stored, connected hosts).
+//!
+//! Entry points: [`Node::start`] then [`serve`], or [`run`] for both.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::scheduler::scheduler_server::{Scheduler, SchedulerServer};
+use proto::scheduler::{
+    schedule_job_response, watch_jobs_request, DeleteJobRequest, DeleteJobResponse, GetJobRequest,
+    GetJobResponse, RaftMessage, ScheduleJobRequest, ScheduleJobResponse, WatchJobsRequest,
+    WatchJobsResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Created;
+use crate::engine::{Engine, EngineConfig, SchedulerHandle, SystemClock};
+use crate::hub::{HostInfo, Hub};
+use crate::job::{Job, JobKey};
+use crate::store::JobStore;
+
+/// How a scheduler replica runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This replica's id in `peers`.
+    pub id: u64,
+    /// The initial cluster: replica id -> gRPC address.
+    pub peers: BTreeMap<u64, String>,
+    pub data_dir: PathBuf,
+    /// How long a host may take to acknowledge a trigger before the delivery counts as failed.
+    pub ack_timeout: Duration,
+    pub engine: EngineConfig,
+}
+
+impl Config {
+    /// A single replica with its data under `data_dir`.
+    pub fn single(data_dir: impl Into<PathBuf>, addr: String) -> Self {
+        Config {
+            id: 1,
+            peers: [(1, addr)].into(),
+            data_dir: data_dir.into(),
+            ack_timeout: Duration::from_secs(30),
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// Why a replica did not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("scheduler storage: {0}")]
+    Storage(#[from] crate::store::StoreError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("gRPC server: {0}")]
+    Serve(String),
+}
+
+/// One scheduler replica.
+pub struct Node {
+    handle: SchedulerHandle,
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("hub", &self.hub).finish()
+    }
+}
+
+impl Node {
+    /// Opens the store and starts the trigger loop. Stop it with [`Node::shutdown`].
+    pub async fn start(cfg: Config) -> Result<Arc<Node>, Error> {
+        if !cfg.peers.contains_key(&cfg.id) {
+            return Err(Error::Config(format!(
+                "--id {} is not in --initial-cluster",
+                cfg.id
+            )));
+        }
+        if cfg.peers.len() > 1 {
+            return Err(Error::Config(
+                "a replicated scheduler (more than one replica in --initial-cluster) is not built yet; run one replica".into(),
+            ));
+        }
+        let store = Arc::new(JobStore::open(&cfg.data_dir.join("jobs"))?);
+        let hub = Arc::new(Hub::new(cfg.ack_timeout));
+        let engine = Engine::new(
+            store,
+            Arc::new(SystemClock),
+            Arc::new(hub.clone()),
+            cfg.engine,
+        );
+        let handle = engine.handle();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(engine.run(async move { s.cancelled().await }));
+        tracing::info!(
+            id = cfg.id,
+            jobs = handle.store().len(),
+            "scheduler replica started"
+        );
+        Ok(Arc::new(Node { handle, hub, stop }))
+    }
+
+    pub fn handle(&self) -> &SchedulerHandle {
+        &self.handle
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Stops the trigger loop (deliveries in flight are abandoned and fire again later).
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        let m = &self.hub.metrics;
+        format!(
+            "# TYPE tessera_scheduler_fires_total counter\ntessera_scheduler_fires_total {}\n\
+             # TYPE tessera_scheduler_acks_total counter\ntessera_scheduler_acks_total {}\n\
+             # TYPE tessera_scheduler_failures_total counter\ntessera_scheduler_failures_total {}\n\
+             # TYPE tessera_scheduler_unroutable_total counter\ntessera_scheduler_unroutable_total {}\n\
+             # TYPE tessera_scheduler_jobs gauge\ntessera_scheduler_jobs {}\n\
+             # TYPE tessera_scheduler_connected_hosts gauge\ntessera_scheduler_connected_hosts {}\n",
+            m.fires.load(Ordering::Relaxed),
+            m.acks.load(Ordering::Relaxed),
+            m.failures.load(Ordering::Relaxed),
+            m.unroutable.load(Ordering::Relaxed),
+            self.handle.store().len(),
+            self.hub.connected(),
+        )
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> tonic::Status {
+    tonic::Status::internal(e.to_string())
+}
+
+/// The gRPC service of a replica.
+#[derive(Debug)]
+pub struct Service(pub Arc<Node>);
+
+type WatchStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchJobsResponse, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Scheduler for Service {
+    async fn schedule_job(
+        &self,
+        request: tonic::Request<ScheduleJobRequest>,
+    ) -> Result<tonic::Response<ScheduleJobResponse>, tonic::Status> {
+        let req = request.into_inner();
+        let job: Job = serde_json::from_slice(&req.job)
+            .map_err(|e| tonic::Status::invalid_argument(format!("bad job: {e}")))?;
+        let created: Created = self
+            .0
+            .handle
+            .create(job, req.overwrite)
+            .await
+            .map_err(internal)?
+            .into();
+        use schedule_job_response::Outcome;
+        let (outcome, replaced) = match created {
+            Created::Stored { replaced } => (Outcome::Stored, replaced),
+            Created::AlreadyExists => (Outcome::AlreadyExists, false),
+            Created::NeverFires { replaced } => (Outcome::NeverFires, replaced),
+        };
+        Ok(tonic::Response::new(ScheduleJobResponse {
+            outcome: outcome as i32,
+            replaced,
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: tonic::Request<GetJobRequest>,
+    ) -> Result<tonic::Response<GetJobResponse>, tonic::Status> {
+        let key = JobKey::from_bytes(request.into_inner().key);
+        let found = self.0.handle.get(&key).map_err(internal)?;
+        Ok(tonic::Response::new(match found {
+            Some(rec) => GetJobResponse {
+                found: true,
+                job: serde_json::to_vec(&rec.job).map_err(internal)?,
+            },
+            None => GetJobResponse::default(),
+        }))
+    }
+
+    async fn delete_job(
+        &self,
+        request: tonic::Request<DeleteJobRequest>,
+    ) -> Result<tonic::Response<DeleteJobResponse>, tonic::Status> {
+        let key = JobKey::from_bytes(request.into_inner().key);
+        let existed = self.0.handle.delete(&key).await.map_err(internal)?;
+        Ok(tonic::Response::new(DeleteJobResponse { existed }))
+    }
+
+    type WatchJobsStream = WatchStream;
+
+    async fn watch_jobs(
+        &self,
+        request: tonic::Request<tonic::Streaming<WatchJobsRequest>>,
+    ) -> Result<tonic::Response<Self::WatchJobsStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?;
+        let Some(WatchJobsRequest {
+            request: Some(watch_jobs_request::Request::Initial(init)),
+        }) = first
+        else {
+            return Err(tonic::Status::invalid_argument(
+                "the first message of WatchJobs must be `initial`",
+            ));
+        };
+        let (tx, rx) = mpsc::channel(4096);
+        let hub = self.0.hub.clone();
+        let id = hub.connect(
+            HostInfo {
+                name: init.host_name,
+                app_id: init.app_id,
+                namespace: init.namespace,
+                actor_types: init.actor_types.into_iter().collect::<HashSet<_>>(),
+            },
+            tx,
+        );
+        let stop = self.0.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = inbound.message() => m,
+                };
+                match msg {
+                    Ok(Some(WatchJobsRequest {
+                        request: Some(watch_jobs_request::Request::Ack(ack)),
+                    })) => hub.ack(id, ack),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            hub.disconnect(id);
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn raft(
+        &self,
+        _request: tonic::Request<RaftMessage>,
+    ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "this scheduler replica runs alone",
+        ))
+    }
+}
+
+/// Starts a replica and serves it: gRPC on `grpc`, health and metrics on `http`, until
+/// `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    grpc: tokio::net::TcpListener,
+    http: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let node = Node::start(cfg).await?;
+    serve(node, grpc, Some(http), shutdown).await
+}
+
+/// Serves a started replica until `shutdown`, then stops it.
+pub async fn serve(
+    node: Arc<Node>,
+    grpc: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        s.cancel();
+    });
+    if let Some(http) = http {
+        let app = health_router(node.clone());
+        let st = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(http, app)
+                .with_graceful_shutdown(async move { st.cancelled().await })
+                .await;
+        });
+    }
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(SchedulerServer::new(Service(node.clone())))
+        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+        .await;
+    node.shutdown();
+    result.map_err(|e| Error::Serve(e.to_string()))
+}
+
+fn health_router(node: Arc<Node>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { axum::http::StatusCode::OK }))
+        .route(
+            "/metrics",
+            get(move || {
+                let n = node.clone();
+                async move { n.metrics_text() }
+            }),
+        )
+}
+
+/// Parses `1=127.0.0.1:50006,2=127.0.0.1:51006`.
+pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>, Error> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| Error::Config(format!("{part:?} is not id=host:port")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| Error::Config(format!("{id:?} is not a replica id")))?;
+        addr.trim()
+            .parse::<SocketAddr>()
+            .map_err(|_| Error::Config(format!("{addr:?} is not host:port")))?;
+        if out.insert(id, addr.trim().to_string()).is_some() {
+            return Err(Error::Config(format!("replica id {id} appears twice")));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Config("the initial cluster is empty".into()));
+    }
+    Ok(out)
+}
