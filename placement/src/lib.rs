@@ -28,6 +28,7 @@ pub mod runtime;
 pub mod server;
 pub mod settle;
 pub mod store;
+pub mod wire;
 
 use std::io::Cursor;
 

@@ -2,9 +2,9 @@
 //!
 //! A session sends its host one full table, then for each later version a delta (hosts added or
 //! changed, hosts removed) that applies to the version before. Each version's full order and
-//! delta are built here once, whatever the number of sessions; a session only clones the small
-//! delta orders. A session that fell further behind than the deltas kept (it skipped versions
-//! while it was slow) gets the full table again.
+//! delta are built and protobuf-encoded here once, whatever the number of sessions; a session
+//! sends the shared bytes as they are (see [`crate::wire`]). A session that fell further behind
+//! than the deltas kept (it skipped versions while it was slow) gets the full table again.
 //!
 //! Tables are sorted by host name (they come from a `BTreeMap`), which makes the diff a merge and
 //! lets hosts apply a delta with binary searches.
@@ -13,6 +13,8 @@ use std::cmp::Ordering;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use prost::Message;
 use proto::placement::placement_order::Order;
 use proto::placement::{HostInfo, PlacementDelta, PlacementOrder, PlacementTable};
 
@@ -26,10 +28,10 @@ pub const KEPT_DELTAS: usize = 64;
 pub struct Published {
     pub version: u64,
     pub table: Arc<Table>,
-    /// The whole table as an order.
-    pub full: Arc<PlacementOrder>,
-    /// Consecutive deltas ending at `version`, oldest first: `(from_version, order)`.
-    deltas: VecDeque<(u64, Arc<PlacementOrder>)>,
+    /// The whole table as an encoded order.
+    pub full: Bytes,
+    /// Consecutive encoded delta orders ending at `version`, oldest first: `(from_version, order)`.
+    deltas: VecDeque<(u64, Bytes)>,
 }
 
 impl Published {
@@ -37,7 +39,7 @@ impl Published {
     pub fn first(table: Table) -> Published {
         Published {
             version: table.version,
-            full: Arc::new(full_order(&table)),
+            full: encode(&full_order(&table)),
             table: Arc::new(table),
             deltas: VecDeque::new(),
         }
@@ -47,13 +49,13 @@ impl Published {
     pub fn next(&self, table: Table) -> Published {
         let delta = diff(&self.table, &table);
         let mut deltas = self.deltas.clone();
-        deltas.push_back((self.version, Arc::new(delta)));
+        deltas.push_back((self.version, encode(&delta)));
         while deltas.len() > KEPT_DELTAS {
             deltas.pop_front();
         }
         Published {
             version: table.version,
-            full: Arc::new(full_order(&table)),
+            full: encode(&full_order(&table)),
             table: Arc::new(table),
             deltas,
         }
@@ -61,7 +63,7 @@ impl Published {
 
     /// What to send a session that has sent its host `sent` (`None`: nothing yet) to bring it to
     /// this version: nothing, the chain of deltas from `sent`, or the full table.
-    pub fn orders_since(&self, sent: Option<u64>) -> Vec<Arc<PlacementOrder>> {
+    pub fn orders_since(&self, sent: Option<u64>) -> Vec<Bytes> {
         match sent {
             Some(s) if s >= self.version => Vec::new(),
             Some(s) => match self.deltas.iter().position(|(from, _)| *from == s) {
@@ -71,6 +73,11 @@ impl Published {
             None => vec![self.full.clone()],
         }
     }
+}
+
+/// One order, protobuf-encoded (the message body of one gRPC frame).
+pub fn encode(o: &PlacementOrder) -> Bytes {
+    Bytes::from(o.encode_to_vec())
 }
 
 fn info(h: &HostEntry) -> HostInfo {
@@ -188,8 +195,12 @@ mod tests {
         Table { version, hosts }
     }
 
-    fn delta(o: &PlacementOrder) -> PlacementDelta {
-        match &o.order {
+    fn decode(b: &Bytes) -> PlacementOrder {
+        PlacementOrder::decode(b.clone()).expect("an encoded order")
+    }
+
+    fn delta(b: &Bytes) -> PlacementDelta {
+        match &decode(b).order {
             Some(Order::Delta(d)) => d.clone(),
             other => panic!("not a delta: {other:?}"),
         }
@@ -199,7 +210,7 @@ mod tests {
     fn a_delta_names_only_what_changed() {
         let a = table(1, &[("a", "T"), ("b", "T"), ("c", "T")]);
         let b = table(2, &[("a", "T"), ("b", "U"), ("d", "T")]);
-        let d = delta(&diff(&a, &b));
+        let d = delta(&encode(&diff(&a, &b)));
         assert_eq!((d.from_version, d.version), (1, 2));
         let names: Vec<&str> = d.upsert.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names, ["b", "d"]);
@@ -210,7 +221,7 @@ mod tests {
     fn sessions_get_deltas_from_what_they_hold_or_the_full_table() {
         let mut p = Published::first(table(1, &[("a", "T")]));
         assert!(matches!(
-            p.orders_since(None)[0].order,
+            decode(&p.orders_since(None)[0]).order,
             Some(Order::Table(_))
         ));
         for v in 2..=(KEPT_DELTAS as u64 + 3) {
@@ -225,7 +236,7 @@ mod tests {
         // Further behind than the kept deltas: the whole table.
         let far = p.orders_since(Some(1));
         assert_eq!(far.len(), 1);
-        assert!(matches!(far[0].order, Some(Order::Table(_))));
+        assert!(matches!(decode(&far[0]).order, Some(Order::Table(_))));
     }
 
     fn arb_table(version: u64) -> impl Strategy<Value = Table> {
@@ -254,7 +265,7 @@ mod tests {
             let start = skip.min(tables.len() - 1);
             let mut held = tables[start].clone();
             for o in p.orders_since(Some(held.version)) {
-                match o.order.clone() {
+                match decode(&o).order {
                     Some(Order::Delta(d)) => {
                         prop_assert_eq!(d.from_version, held.version);
                         apply_delta(&mut held, d);

@@ -20,16 +20,18 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use bytes::Bytes;
 use openraft::{BasicNode, ServerState};
+use prost::Message;
 use proto::placement::placement_order::Order;
-use proto::placement::placement_server::{Placement, PlacementServer};
+use proto::placement::placement_server::Placement;
 use proto::placement::{HeartbeatAck, HostReport, PlacementOrder, RaftMessage};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::network::{self, Network};
-use crate::publish::Published;
+use crate::publish::{encode, Published};
 use crate::ring::{HostEntry, Table};
 use crate::settle::Tracker;
 use crate::store::{self, NodeId, Request, StateMachine};
@@ -446,11 +448,29 @@ impl Node {
         }
     }
 
+    /// Opens a host's session: the leader runs it; a follower answers with the leader's address
+    /// and ends the stream.
+    pub(crate) fn open_session(
+        self: Arc<Self>,
+        inbound: tonic::Streaming<HostReport>,
+    ) -> crate::wire::Orders {
+        let (tx, rx) = mpsc::channel(64);
+        if !self.is_leader() {
+            let leader = PlacementOrder {
+                order: Some(Order::Leader(self.leader_addr().unwrap_or_default())),
+            };
+            let _ = tx.try_send(Ok(encode(&leader)));
+        } else {
+            tokio::spawn(self.session(inbound, tx));
+        }
+        ReceiverStream::new(rx)
+    }
+
     /// One host's session on this replica.
     async fn session(
         self: Arc<Self>,
         mut inbound: tonic::Streaming<HostReport>,
-        tx: mpsc::Sender<Result<PlacementOrder, tonic::Status>>,
+        tx: mpsc::Sender<Result<Bytes, tonic::Status>>,
     ) {
         let mut tables = self.published.subscribe();
         let mut leading = self.leading.subscribe();
@@ -467,7 +487,7 @@ impl Node {
                         _ => return,
                     };
                     if !self.is_leader() {
-                        let _ = tx.send(Ok(PlacementOrder { order: Some(Order::Leader(self.leader_addr().unwrap_or_default())) })).await;
+                        let _ = tx.send(Ok(encode(&PlacementOrder { order: Some(Order::Leader(self.leader_addr().unwrap_or_default())) }))).await;
                         return;
                     }
                     self.live.lock().expect("lock").insert(report.name.clone(), Instant::now());
@@ -476,13 +496,13 @@ impl Node {
                     let settled_version = *settled.borrow_and_update();
                     sent_settled = sent_settled.max(settled_version);
                     let ack = PlacementOrder { order: Some(Order::Ack(HeartbeatAck { seq: report.seq, lease_ms, settled_version })) };
-                    if tx.send(Ok(ack)).await.is_err() {
+                    if tx.send(Ok(encode(&ack))).await.is_err() {
                         return;
                     }
                     if sent_version.is_none() {
                         let p = tables.borrow_and_update().clone();
                         for o in p.orders_since(None) {
-                            if tx.send(Ok((*o).clone())).await.is_err() {
+                            if tx.send(Ok(o)).await.is_err() {
                                 return;
                             }
                         }
@@ -511,7 +531,7 @@ impl Node {
                         // Deltas from what this session sent, or the whole table if it fell
                         // further behind than the deltas kept.
                         for o in p.orders_since(sent_version) {
-                            if tx.send(Ok((*o).clone())).await.is_err() {
+                            if tx.send(Ok(o)).await.is_err() {
                                 return;
                             }
                         }
@@ -525,14 +545,14 @@ impl Node {
                     let v = *settled.borrow_and_update();
                     if v > sent_settled {
                         sent_settled = v;
-                        if tx.send(Ok(PlacementOrder { order: Some(Order::SettledVersion(v)) })).await.is_err() {
+                        if tx.send(Ok(encode(&PlacementOrder { order: Some(Order::SettledVersion(v)) }))).await.is_err() {
                             return;
                         }
                     }
                 }
                 r = leading.changed() => {
                     if r.is_err() || !*leading.borrow_and_update() {
-                        let _ = tx.send(Ok(PlacementOrder { order: Some(Order::Leader(self.leader_addr().unwrap_or_default())) })).await;
+                        let _ = tx.send(Ok(encode(&PlacementOrder { order: Some(Order::Leader(self.leader_addr().unwrap_or_default())) }))).await;
                         return;
                     }
                 }
@@ -586,24 +606,24 @@ pub struct Service(pub Arc<Node>);
 
 #[tonic::async_trait]
 impl Placement for Service {
-    type ReportHostStream = ReceiverStream<Result<PlacementOrder, tonic::Status>>;
+    type ReportHostStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<PlacementOrder, tonic::Status>> + Send>,
+    >;
 
+    /// The generated route, for callers that mount the generated `PlacementServer` directly: the same
+    /// session, decoded again. Replicas serve [`crate::wire::PlacementService`], which sends the
+    /// encoded orders as they are.
     async fn report_host(
         &self,
         request: tonic::Request<tonic::Streaming<HostReport>>,
     ) -> Result<tonic::Response<Self::ReportHostStream>, tonic::Status> {
-        let (tx, rx) = mpsc::channel(64);
-        let node = self.0.clone();
-        if !node.is_leader() {
-            let _ = tx
-                .send(Ok(PlacementOrder {
-                    order: Some(Order::Leader(node.leader_addr().unwrap_or_default())),
-                }))
-                .await;
-        } else {
-            tokio::spawn(node.session(request.into_inner(), tx));
-        }
-        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        use tokio_stream::StreamExt;
+        let orders = self.0.clone().open_session(request.into_inner()).map(|o| {
+            o.and_then(|b| {
+                PlacementOrder::decode(b).map_err(|e| tonic::Status::internal(e.to_string()))
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(orders)))
     }
 
     async fn raft(
@@ -663,7 +683,7 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let result = tonic::transport::Server::builder()
-        .add_service(PlacementServer::new(Service(node.clone())))
+        .add_service(crate::wire::PlacementService::new(node.clone()))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     node.shutdown().await;
