@@ -55,5 +55,6 @@ pub mod actor_sim;
 pub mod mem_store;
 pub mod net;
 pub mod placement_sim;
+pub mod sched_sim;
 
 pub use placement_sim as placement;
