@@ -8,17 +8,20 @@
 //!   crashes (a disk that keeps every write). Every tick the trigger loop dispatches passes
 //!   through a recorder on its way to the hub; the recorder logs it and tags the tick's data
 //!   with a dispatch number, so each delivery a host receives names the dispatch it came from.
+//!   The loop's bound on deliveries in flight is 2, 8 or 1024, by seed (a small one makes jobs
+//!   wait for each other's deliveries).
 //! - `h1`..`h3`: hosts, each running the real [`scheduler::client::Client`] watch stream (app
-//!   `app`, actor type `T`) with a sink standing for the app: it logs every trigger as it
+//!   `app`; actor type `T` on all but `h3`) with a sink standing for the app: it logs every trigger as it
 //!   arrives, answers after 1-40 ms, and fails 3% of first attempts.
 //! - `app`: the clients: [`WORKERS`] tasks creating jobs and reminders (period 1-10 s or one
 //!   shot, due 0-5 s after the request, some with a repeat count; half with Dapr's default
 //!   failure policy, half retried until delivered), replacing and deleting them, through the
-//!   real client's unary calls. Every create carries a fresh incarnation number in its data.
+//!   real client's unary calls (a quarter of the creates without overwrite, so some find their
+//!   key taken and must write nothing). Every create carries a fresh incarnation number in its data.
 //!
 //! Faults, from the seed, between [`FAULTS_FROM`] and [`FAULTS_UNTIL`] (at least one scheduler
 //! crash per seed): scheduler crash and restart, host crash and restart, partition between a
-//! host and the scheduler, message loss on that link (turmoil's random partitions: a lost TCP
+//! host (or the clients) and the scheduler, message loss on a host's link (turmoil's random partitions: a lost TCP
 //! segment freezes that connection for good, as a silently dead connection would), latency on a
 //! host's or the clients' link. A crash is a power loss: the node's links are cut before
 //! turmoil drops it. Everything is healed by [`HEAL_AT`]; the clients keep working until
@@ -40,7 +43,8 @@
 //!   force for [`QUIET_GRACE`] (so stale sessions, black-holed connections and retries of earlier
 //!   faults are over) and until [`QUIET_DEADLINE`] later, of a job whose create was acknowledged
 //!   and that nobody started to delete or replace by then, is delivered within
-//!   [`QUIET_DEADLINE`]. Eventual: every tick of a job retried until delivered (no give-up
+//!   [`QUIET_DEADLINE`] ([`SLOW_QUIET_DEADLINE`] in the quarter of the seeds where 5% of the
+//!   app's answers take 0.5-8 s, past the hub's ack timeout at times). Eventual: every tick of a job retried until delivered (no give-up
 //!   policy) is delivered, whatever the faults when it fell due, if the job was acknowledged and
 //!   still undeleted at the end of the first quiet stretch after it (ticks due in an outage are
 //!   coalesced into the catch-up). Jobs with Dapr's default policy may give a tick up after four
@@ -106,8 +110,13 @@ pub const QUIET_GRACE: Duration = Duration::from_secs(14);
 /// In quiet times a due tick is delivered within this (a first attempt the app fails is
 /// retried after 1 s).
 pub const QUIET_DEADLINE: Duration = Duration::from_millis(2500);
+/// The same with a slow app: a tick waits for the job's previous delivery, which the hub may
+/// give up on only after [`ACK_TIMEOUT`], and retries a second later.
+pub const SLOW_QUIET_DEADLINE: Duration = Duration::from_millis(7000);
 /// Ticks are checked up to here (later ones may not have had their time).
 const CHECK_UNTIL: Duration = Duration::from_millis(61_000);
+/// The trigger loop's in-flight bound, one per seed.
+const IN_FLIGHT: [usize; 3] = [2, 8, 1024];
 /// The start of the system is not a fault, but hosts need a moment to connect.
 const STARTUP: Duration = Duration::from_secs(1);
 
@@ -236,6 +245,21 @@ struct Obs {
     errors: BTreeMap<String, u64>,
     creates: u64,
     deletes: u64,
+    /// Creates without overwrite that found the key taken.
+    already_exists: u64,
+    /// The clients' calls and their outcomes, for failure reports.
+    ops: Vec<(Duration, JobKey, String)>,
+}
+
+impl Obs {
+    /// What the clients did with `key`, one line per call.
+    fn history(&self, key: &JobKey) -> String {
+        self.ops
+            .iter()
+            .filter(|(_, k, _)| k == key)
+            .map(|(t, _, what)| format!("\n    {} {what}", secs(*t)))
+            .collect()
+    }
 }
 
 type Shared = Arc<Mutex<Obs>>;
@@ -298,6 +322,8 @@ impl Sink for Recorder {
 /// The app behind a host: logs each trigger on arrival, answers a little later.
 struct AppSink {
     host: usize,
+    /// 5% of the answers take 0.5-8 s (past the hub's ack timeout, at times).
+    slow: bool,
     obs: Shared,
     rng: Mutex<Xorshift>,
 }
@@ -331,7 +357,12 @@ impl Sink for AppSink {
         drop(o);
         let (delay, fail) = {
             let mut r = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-            (r.range(1, 40), tick.attempt == 0 && r.range(0, 100) < 3)
+            let delay = if self.slow && r.range(0, 100) < 5 {
+                r.range(500, 8000)
+            } else {
+                r.range(1, 40)
+            };
+            (delay, tick.attempt == 0 && r.range(0, 100) < 3)
         };
         async move {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -381,8 +412,9 @@ enum Fault {
         host: usize,
         down: Duration,
     },
+    /// Between a host, or the clients (`host: None`), and the scheduler.
     Partition {
-        host: usize,
+        host: Option<usize>,
         for_: Duration,
     },
     Lossy {
@@ -429,9 +461,14 @@ impl Links {
 #[derive(Debug, Clone)]
 pub struct Report {
     pub seed: u64,
+    /// The trigger loop's bound on deliveries in flight.
+    pub max_in_flight: usize,
+    /// Whether the app answered slowly at times.
+    pub slow_app: bool,
     pub faults: Vec<String>,
     pub creates: u64,
     pub deletes: u64,
+    pub already_exists: u64,
     pub dispatches: usize,
     pub receipts: usize,
     /// Ticks held to the quiet form of oracle (c), and to the eventual form.
@@ -463,6 +500,20 @@ pub fn run(seed: u64) -> Result<Report, String> {
         .max_message_latency(Duration::from_millis(4))
         .build();
     let obs: Shared = Arc::new(Mutex::new(Obs::default()));
+    // A small in-flight table makes jobs wait for each other's deliveries.
+    // A quarter of the seeds have a slow app (see `AppSink`), with an unbounded table: slow
+    // answers would hold a small one for seconds at a time.
+    let slow = seed % 4 == 3;
+    let max_in_flight = if slow {
+        IN_FLIGHT[2]
+    } else {
+        IN_FLIGHT[(Xorshift::new(seed ^ 0x1F11).next_u64() % 3) as usize]
+    };
+    let deadline = if slow {
+        SLOW_QUIET_DEADLINE
+    } else {
+        QUIET_DEADLINE
+    };
 
     // The scheduler: its database is its disk and outlives its crashes.
     let db = sled::Config::new()
@@ -482,7 +533,10 @@ pub fn run(seed: u64) -> Result<Report, String> {
                     store,
                     Arc::new(SimClock),
                     ACK_TIMEOUT,
-                    EngineConfig::default(),
+                    EngineConfig {
+                        max_in_flight,
+                        ..EngineConfig::default()
+                    },
                     |hub| Recorder { hub, obs, life },
                 );
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
@@ -507,6 +561,7 @@ pub fn run(seed: u64) -> Result<Report, String> {
                 let client = client()?;
                 let sink = Arc::new(AppSink {
                     host: i,
+                    slow,
                     obs,
                     rng: Mutex::new(Xorshift::new(
                         seed ^ ((i as u64 + 1) << 40) ^ u64::from(life),
@@ -516,7 +571,12 @@ pub fn run(seed: u64) -> Result<Report, String> {
                     Registration {
                         app_id: APP_ID.into(),
                         namespace: NAMESPACE.into(),
-                        actor_types: vec![ACTOR_TYPE.into()],
+                        // The last host takes app jobs only.
+                        actor_types: if i + 1 < HOSTS {
+                            vec![ACTOR_TYPE.into()]
+                        } else {
+                            Vec::new()
+                        },
                         host_name: format!("{}#{life}", host(i)),
                     },
                     sink,
@@ -563,7 +623,7 @@ pub fn run(seed: u64) -> Result<Report, String> {
                 down: Duration::from_millis(rng.range(300, 8000)),
             },
             4 | 5 => Fault::Partition {
-                host: h,
+                host: (rng.range(0, 5) > 0).then_some(h),
                 for_: Duration::from_millis(rng.range(500, 8000)),
             },
             6 | 7 => Fault::Lossy {
@@ -635,15 +695,16 @@ pub fn run(seed: u64) -> Result<Report, String> {
                     ))
                 }
                 Fault::Partition { host: h, for_ } => {
-                    *links.cuts.entry(host(h)).or_default() += 1;
-                    links.sync(&mut sim, &host(h));
+                    let node = h.map_or(APP.to_string(), host);
+                    *links.cuts.entry(node.clone()).or_default() += 1;
+                    links.sync(&mut sim, &node);
                     Some((
                         now + for_,
                         Box::new(move |sim, links| {
-                            if let Some(n) = links.cuts.get_mut(&host(h)) {
+                            if let Some(n) = links.cuts.get_mut(&node) {
                                 *n = n.saturating_sub(1);
                             }
-                            links.sync(sim, &host(h));
+                            links.sync(sim, &node);
                         }),
                     ))
                 }
@@ -703,12 +764,15 @@ pub fn run(seed: u64) -> Result<Report, String> {
     }
 
     let o = lock(&obs);
-    let report = check(seed, &o, &active, &restarts, faults.clone()).map_err(|e| {
-        format!(
-            "{e}\n  faults: {faults:?}\n  scheduler restarts at: {:?}",
-            restarts.iter().map(|(t, _)| secs(*t)).collect::<Vec<_>>()
-        )
-    })?;
+    let mut report =
+        check(seed, &o, &active, &restarts, deadline, faults.clone()).map_err(|e| {
+            format!(
+                "{e}\n  faults: {faults:?}\n  scheduler restarts at: {:?}",
+                restarts.iter().map(|(t, _)| secs(*t)).collect::<Vec<_>>()
+            )
+        })?;
+    report.max_in_flight = max_in_flight;
+    report.slow_app = slow;
     Ok(report)
 }
 
@@ -752,6 +816,8 @@ async fn worker(w: usize, client: Arc<Client>, obs: Shared, mut rng: Xorshift) {
                 .filter(|_| rng.range(0, 4) == 0)
                 .map(|_| rng.range(2, 8) as u32);
             let forever = rng.range(0, 2) == 0;
+            // Reminders always overwrite; a Jobs API create may not.
+            let overwrite = rng.range(0, 4) > 0;
             let job = Job {
                 name: name.clone(),
                 target: target.clone(),
@@ -790,8 +856,10 @@ async fn worker(w: usize, client: Arc<Client>, obs: Shared, mut rng: Xorshift) {
                     ended: None,
                 });
                 let older = keys.get(&name).map(|(_, v)| v.clone()).unwrap_or_default();
-                for i in &older {
-                    o.incs[*i].end_sent.get_or_insert(start);
+                if overwrite {
+                    for i in &older {
+                        o.incs[*i].end_sent.get_or_insert(start);
+                    }
                 }
                 (inc, older)
             };
@@ -799,17 +867,33 @@ async fn worker(w: usize, client: Arc<Client>, obs: Shared, mut rng: Xorshift) {
                 data: format!("\"i{inc}\"").into_bytes(),
                 ..job
             };
-            let r = client.create(job, true).await;
+            let key = job.key();
+            let r = client.create(job, overwrite).await;
             let t = now();
             let mut o = lock(&obs);
+            o.ops.push((
+                t,
+                key,
+                format!(
+                    "create of incarnation {inc} (overwrite {overwrite}, sent at {}): {r:?}",
+                    secs(start)
+                ),
+            ));
             let entry = keys.entry(name).or_insert((target, Vec::new()));
             match r {
                 Ok(Created::Stored { .. }) => {
                     o.incs[inc].created = Some(t);
+                    // Replaced, or (without overwrite) gone already.
                     for i in older {
                         o.incs[i].ended.get_or_insert(t);
                     }
                     entry.1 = vec![inc];
+                }
+                Ok(Created::AlreadyExists) if !overwrite => {
+                    // Nothing was written: this incarnation must never fire.
+                    o.incs[inc].end_sent = Some(start);
+                    o.incs[inc].ended = Some(start);
+                    o.already_exists += 1;
                 }
                 Ok(other) => {
                     *o.errors.entry(format!("create: {other:?}")).or_default() += 1;
@@ -848,6 +932,14 @@ async fn worker(w: usize, client: Arc<Client>, obs: Shared, mut rng: Xorshift) {
             let r = client.delete(&key).await;
             let t = now();
             let mut o = lock(&obs);
+            o.ops.push((
+                t,
+                key.clone(),
+                format!(
+                    "delete of incarnations {incs:?} (sent at {}): {r:?}",
+                    secs(start)
+                ),
+            ));
             match r {
                 Ok(_) => {
                     for i in incs {
@@ -881,17 +973,21 @@ fn quiet(active: &[(Duration, Option<Duration>)], from: Duration, to: Duration) 
         .all(|(s, e)| *s > to || e.is_some_and(|e| e < from))
 }
 
-/// The end of the first quiet stretch of [`QUIET_DEADLINE`] at or after `t`.
-fn next_quiet(active: &[(Duration, Option<Duration>)], t: Duration) -> Duration {
+/// The end of the first quiet stretch of `deadline` at or after `t`.
+fn next_quiet(
+    active: &[(Duration, Option<Duration>)],
+    t: Duration,
+    deadline: Duration,
+) -> Duration {
     let mut x = t.max(STARTUP);
     loop {
-        if quiet(active, x, x + QUIET_DEADLINE) {
-            return x + QUIET_DEADLINE;
+        if quiet(active, x, x + deadline) {
+            return x + deadline;
         }
         // The latest end of a fault in force around x, plus the grace.
         let blocking = active
             .iter()
-            .filter(|(s, e)| *s <= x + QUIET_DEADLINE && e.is_none_or(|e| e + QUIET_GRACE >= x))
+            .filter(|(s, e)| *s <= x + deadline && e.is_none_or(|e| e + QUIET_GRACE >= x))
             .map(|(_, e)| e.unwrap_or(RUN) + QUIET_GRACE + Duration::from_millis(1))
             .max()
             .unwrap_or(x + Duration::from_millis(1));
@@ -904,6 +1000,7 @@ fn check(
     o: &Obs,
     active: &[(Duration, Option<Duration>)],
     restarts: &[(Duration, u32)],
+    deadline: Duration,
     faults: Vec<String>,
 ) -> Result<Report, String> {
     if let Some(g) = o.garbled.first() {
@@ -953,7 +1050,7 @@ fn check(
                 return Err(format!(
                     "seed {seed}: FIRED AFTER DELETE: dispatch {n} of incarnation {} ({}) at {} (tick {k}, attempt {}, scheduler process {}), but its delete or replacement was acknowledged at {}",
                     d.inc, inc.key, secs(d.at), d.attempt, d.life, secs(e)
-                ));
+                ) + &o.history(&inc.key));
             }
         }
     }
@@ -1039,14 +1136,14 @@ fn check(
         for k in 0.. {
             let Some(tk) = inc.tick(k) else { break };
             let s = since_start(tk).max(created);
-            if s + QUIET_DEADLINE > CHECK_UNTIL {
+            if s + deadline > CHECK_UNTIL {
                 break;
             }
             let alive_until = inc.end_sent.unwrap_or(Duration::MAX);
             let got = covered[i].get(&k).copied();
-            if quiet(active, s, s + QUIET_DEADLINE) && alive_until > s + QUIET_DEADLINE {
+            if quiet(active, s, s + deadline) && alive_until > s + deadline {
                 quiet_ticks += 1;
-                if got.is_none_or(|g| g > s + QUIET_DEADLINE) {
+                if got.is_none_or(|g| g > s + deadline) {
                     return Err(format!(
                         "seed {seed}: LOST (quiet): tick {k} of incarnation {i} ({}, due {}, period {:?}, {}), due at {} in quiet times, {}",
                         inc.key, ms(inc.due), inc.period,
@@ -1058,7 +1155,7 @@ fn check(
                 continue;
             }
             if inc.forever {
-                let q = next_quiet(active, s);
+                let q = next_quiet(active, s, deadline);
                 if q <= CHECK_UNTIL && alive_until > q {
                     eventual_ticks += 1;
                     if got.is_none_or(|g| g > q) {
@@ -1104,9 +1201,12 @@ fn check(
     }
     Ok(Report {
         seed,
+        max_in_flight: 0,
+        slow_app: false,
         faults,
         creates: o.creates,
         deletes: o.deletes,
+        already_exists: o.already_exists,
         dispatches: o.dispatches.len(),
         receipts: o.receipts.len(),
         quiet_ticks,

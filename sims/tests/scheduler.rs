@@ -64,11 +64,14 @@ fn no_lost_early_or_deleted_ticks_over_seeds() {
                             }
                             Ok(r) => {
                                 eprintln!(
-                                    "seed {seed}: ok in {:.1?} ({} faults, {} scheduler restarts, {} creates, {} deletes, {} dispatches, {} received, ticks checked: {} passed + {} quiet + {} eventual, {} catch-ups, max missed {}, {} in flight past a delete, fingerprint {:016x})",
+                                    "seed {seed}: ok in {:.1?} ({} faults, in-flight bound {}, slow app: {}, {} scheduler restarts, {} creates ({} found the key taken), {} deletes, {} dispatches, {} received, ticks checked: {} passed + {} quiet + {} eventual, {} catch-ups, max missed {}, {} in flight past a delete, fingerprint {:016x})",
                                     t.elapsed(),
                                     r.faults.len(),
+                                    r.max_in_flight,
+                                    r.slow_app,
                                     r.sched_restarts,
                                     r.creates,
+                                    r.already_exists,
                                     r.deletes,
                                     r.dispatches,
                                     r.receipts,
