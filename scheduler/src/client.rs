@@ -9,6 +9,7 @@
 //!   task and acknowledged on the stream with the outcome (and the activation epoch). A stream
 //!   that breaks is reopened after a jittered backoff (100 ms doubling to 2 s), forever.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,8 @@ use proto::scheduler::{
     schedule_job_response, watch_jobs_request, watch_jobs_response, DeleteJobRequest,
     GetJobRequest, ScheduleJobRequest, Trigger, WatchJobsAck, WatchJobsInitial, WatchJobsRequest,
 };
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
@@ -55,21 +58,44 @@ pub struct Client {
     call_timeout: Duration,
 }
 
-fn channel(addr: &str) -> Result<Channel, ClientError> {
+/// How a replica is dialed: connect timeout and HTTP/2 keepalive (a stream silently cut by a
+/// partition is noticed within about 10 s). The simulation dials these over simulated TCP.
+pub fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| ClientError::Address(addr.to_string(), e.to_string()))?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true))
+}
+
+fn channel(addr: &str) -> Result<Channel, ClientError> {
+    Ok(endpoint(addr)?.connect_lazy())
+}
+
+thread_local! {
+    /// Set by [`seed_jitter`]; `None`: the jitter comes from the OS-seeded generator.
+    static JITTER: RefCell<Option<StdRng>> = const { RefCell::new(None) };
+}
+
+/// Makes this thread's reconnect and retry jitter a function of `seed` (a deterministic
+/// simulation calls it before each run; its hosts all run on the calling thread).
+pub fn seed_jitter(seed: u64) {
+    JITTER.with(|j| *j.borrow_mut() = Some(StdRng::seed_from_u64(seed)));
+}
+
+fn random_u64() -> u64 {
+    JITTER.with(|j| match &mut *j.borrow_mut() {
+        Some(rng) => rng.next_u64(),
+        None => rand::random(),
+    })
 }
 
 /// A random duration in `[d/2, d]`.
 fn jitter(d: Duration) -> Duration {
     let half = d / 2;
-    half + Duration::from_millis(rand::random::<u64>() % (half.as_millis() as u64 + 1))
+    half + Duration::from_millis(random_u64() % (half.as_millis() as u64 + 1))
 }
 
 /// Whether a call failed for lack of a reachable replica (worth trying another or again).
@@ -92,6 +118,25 @@ impl Client {
             .collect::<Result<Vec<_>, ClientError>>()?;
         Ok(Arc::new(Client {
             replicas,
+            preferred: AtomicUsize::new(0),
+            call_timeout,
+        }))
+    }
+
+    /// A client over channels the caller built (`(address, channel)` per replica; the simulation
+    /// dials over simulated TCP).
+    pub fn with_channels(
+        channels: Vec<(String, Channel)>,
+        call_timeout: Duration,
+    ) -> Result<Arc<Client>, ClientError> {
+        if channels.is_empty() {
+            return Err(ClientError::NoAddress);
+        }
+        Ok(Arc::new(Client {
+            replicas: channels
+                .into_iter()
+                .map(|(a, c)| (a, SchedulerClient::new(c)))
+                .collect(),
             preferred: AtomicUsize::new(0),
             call_timeout,
         }))

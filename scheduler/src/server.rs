@@ -9,7 +9,8 @@
 //! - HTTP on the health port: `GET /healthz`, and `GET /metrics` in Prometheus text (fires, acks,
 //!   failures, unroutable ticks, jobs stored, connected hosts).
 //!
-//! Entry points: [`Node::start`] then [`serve`], or [`run`] for both.
+//! Entry points: [`Node::start`] then [`serve`], or [`run`] for both; [`Node::start_on`] and
+//! [`serve_incoming`] take the store, clock and connections from the caller (the simulation).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -30,7 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Created;
-use crate::engine::{Engine, EngineConfig, SchedulerHandle, SystemClock};
+use crate::engine::{Clock, Engine, EngineConfig, SchedulerHandle, Sink, SystemClock};
 use crate::hub::{HostInfo, Hub};
 use crate::job::{Job, JobKey};
 use crate::store::JobStore;
@@ -100,23 +101,39 @@ impl Node {
             ));
         }
         let store = Arc::new(JobStore::open(&cfg.data_dir.join("jobs"))?);
-        let hub = Arc::new(Hub::new(cfg.ack_timeout));
-        let engine = Engine::new(
+        let node = Node::start_on(
             store,
             Arc::new(SystemClock),
-            Arc::new(hub.clone()),
+            cfg.ack_timeout,
             cfg.engine,
+            |hub| hub,
         );
+        tracing::info!(
+            id = cfg.id,
+            jobs = node.handle.store().len(),
+            "scheduler replica started"
+        );
+        Ok(node)
+    }
+
+    /// Starts the trigger loop on an open store and a given clock (call it inside a tokio
+    /// runtime). Every tick goes to the sink `sink(hub)` returns, which is the hub itself in
+    /// [`Node::start`]; the simulation (`sims/`) runs it on simulated time and wraps the hub to
+    /// record each dispatch. Stop it with [`Node::shutdown`].
+    pub fn start_on<C: Clock, S: Sink>(
+        store: Arc<JobStore>,
+        clock: Arc<C>,
+        ack_timeout: Duration,
+        engine: EngineConfig,
+        sink: impl FnOnce(Arc<Hub>) -> S,
+    ) -> Arc<Node> {
+        let hub = Arc::new(Hub::new(ack_timeout));
+        let engine = Engine::new(store, clock, Arc::new(sink(hub.clone())), engine);
         let handle = engine.handle();
         let stop = CancellationToken::new();
         let s = stop.clone();
         tokio::spawn(engine.run(async move { s.cancelled().await }));
-        tracing::info!(
-            id = cfg.id,
-            jobs = handle.store().len(),
-            "scheduler replica started"
-        );
-        Ok(Arc::new(Node { handle, hub, stop }))
+        Arc::new(Node { handle, hub, stop })
     }
 
     pub fn handle(&self) -> &SchedulerHandle {
@@ -307,11 +324,32 @@ pub async fn serve(
         });
     }
     let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+    serve_incoming(node, incoming, async move { stop.cancelled().await }).await
+}
+
+/// Serves the gRPC side of a started replica on any stream of connections (simulated ones in
+/// `sims/`) until `shutdown`, then stops it.
+pub async fn serve_incoming<I, IO, IE>(
+    node: Arc<Node>,
+    incoming: I,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(SchedulerServer::new(Service(node.clone())))
-        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     node.shutdown();
     result.map_err(|e| Error::Serve(e.to_string()))

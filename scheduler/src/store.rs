@@ -534,44 +534,67 @@ impl JobStore {
     }
 
     /// Stores a job (with a new generation and its initial state) and returns once that is
-    /// durable. With `overwrite: false` an existing job of that key is left alone.
+    /// durable. With `overwrite: false` an existing job of that key is left alone: the answer is
+    /// [`PutOutcome::AlreadyExists`], unless the stored job is this very one (a retry of a create
+    /// whose answer was lost), which is answered as stored.
     pub async fn put(&self, job: Job, overwrite: bool) -> Result<PutOutcome, StoreError> {
         let key = job.key();
         let outcome = {
             let _w = self.lock();
             let old = self.jobs.get(key.as_bytes())?;
-            if old.is_some() && !overwrite {
-                return Ok(PutOutcome::AlreadyExists);
-            }
-            let old_ms = old.as_deref().and_then(header).map(|(_, ms)| ms);
-            match JobState::initial(&job) {
-                None => {
-                    if let Some(ms) = old_ms {
-                        self.jobs.remove(key.as_bytes())?;
-                        self.due.remove(due_key(ms, key.as_bytes()))?;
-                    }
-                    PutOutcome::NeverFires {
-                        replaced: old.is_some(),
-                    }
-                }
-                Some(state) => {
-                    let generation = self.next_generation.fetch_add(1, Ordering::AcqRel);
-                    let rec = StoredJob {
-                        job,
-                        generation,
-                        state,
-                    };
-                    self.write_record(&key, &rec, old_ms)?;
-                    PutOutcome::Stored {
-                        generation,
-                        replaced: old.is_some(),
-                        first: state.due_at,
-                    }
-                }
+            match old.as_deref() {
+                Some(raw) if !overwrite => match decode(raw).filter(|rec| rec.job == job) {
+                    // The very job this request asks for (its definition includes the time the
+                    // request was parsed): a retry of a create whose answer was lost, e.g. when
+                    // the connection or the scheduler went down. It succeeded; answer so, and
+                    // leave its ticks alone.
+                    Some(rec) => PutOutcome::Stored {
+                        generation: rec.generation,
+                        replaced: false,
+                        first: rec.state.due_at,
+                    },
+                    None => return Ok(PutOutcome::AlreadyExists),
+                },
+                _ => self.store_locked(&key, job, old)?,
             }
         };
         self.commit().await?;
         Ok(outcome)
+    }
+
+    /// The write side of [`JobStore::put`], under the write lock: stores `job` over `old`.
+    fn store_locked(
+        &self,
+        key: &JobKey,
+        job: Job,
+        old: Option<sled::IVec>,
+    ) -> Result<PutOutcome, StoreError> {
+        let old_ms = old.as_deref().and_then(header).map(|(_, ms)| ms);
+        Ok(match JobState::initial(&job) {
+            None => {
+                if let Some(ms) = old_ms {
+                    self.jobs.remove(key.as_bytes())?;
+                    self.due.remove(due_key(ms, key.as_bytes()))?;
+                }
+                PutOutcome::NeverFires {
+                    replaced: old.is_some(),
+                }
+            }
+            Some(state) => {
+                let generation = self.next_generation.fetch_add(1, Ordering::AcqRel);
+                let rec = StoredJob {
+                    job,
+                    generation,
+                    state,
+                };
+                self.write_record(key, &rec, old_ms)?;
+                PutOutcome::Stored {
+                    generation,
+                    replaced: old.is_some(),
+                    first: state.due_at,
+                }
+            }
+        })
     }
 
     /// Index first, record second, old index entry last (see the module doc).

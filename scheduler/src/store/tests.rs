@@ -64,8 +64,12 @@ async fn put_get_delete() {
     assert_eq!(rec.generation, generation);
     assert_eq!(rec.state, JobState::initial(&j).unwrap());
     assert_eq!(s.len(), 1);
+    let other = Job {
+        created_at: t0() + TimeDelta::nanoseconds(1),
+        ..j.clone()
+    };
     assert_eq!(
-        s.put(j.clone(), false).await.unwrap(),
+        s.put(other, false).await.unwrap(),
         PutOutcome::AlreadyExists
     );
     let out = s.put(j.clone(), true).await.unwrap();
@@ -78,6 +82,58 @@ async fn put_get_delete() {
     assert_eq!(s.get(&j.key()).unwrap(), None);
     assert!(entries(&s).is_empty());
     assert!(s.is_empty());
+}
+
+/// Found by the scheduler simulation (`sims/src/sched_sim.rs`, seed 642): a create without
+/// overwrite stored its job, its answer was lost when the scheduler crashed, the client tried
+/// again and was told "already exists" about its own job, so the app believed nothing was
+/// scheduled while the job fired. A create of the very job stored (same definition, same
+/// parse time) is a retry: it succeeds, and the job's ticks are left alone.
+#[tokio::test]
+async fn a_retried_create_without_overwrite_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = JobStore::open(dir.path()).unwrap();
+    let mut j = job("a", 5);
+    j.schedule = Some(Schedule::Every(Duration::from_secs(1)));
+    let PutOutcome::Stored { generation, .. } = s.put(j.clone(), false).await.unwrap() else {
+        panic!("not stored")
+    };
+    // It fired twice meanwhile.
+    let fired = JobState {
+        tick: t0() + TimeDelta::seconds(7),
+        due_at: t0() + TimeDelta::seconds(7),
+        attempt: 0,
+        count: 2,
+        last: Some(t0() + TimeDelta::seconds(6)),
+        epoch: 0,
+    };
+    assert!(s.update_state(&j.key(), generation, fired).unwrap());
+    let commits = s.stats().commits;
+    assert_eq!(
+        s.put(j.clone(), false).await.unwrap(),
+        PutOutcome::Stored {
+            generation,
+            replaced: false,
+            first: fired.due_at,
+        }
+    );
+    assert!(
+        s.stats().commits > commits,
+        "the answer waits until the stored job is durable"
+    );
+    let rec = s.get(&j.key()).unwrap().unwrap();
+    assert_eq!((rec.generation, rec.state), (generation, fired));
+    assert_eq!(entries(&s).len(), 1);
+    // Another create of that key (a different request, even with the same body) is refused.
+    let other = Job {
+        created_at: j.created_at + TimeDelta::milliseconds(3),
+        ..j.clone()
+    };
+    assert_eq!(
+        s.put(other, false).await.unwrap(),
+        PutOutcome::AlreadyExists
+    );
+    assert_eq!(s.get(&j.key()).unwrap().unwrap().state, fired);
 }
 
 #[tokio::test]
