@@ -550,7 +550,7 @@ impl ActorRuntime {
                 }
                 continue;
             }
-            let Some(owner) = rings.owner(&key.actor_type, &key.actor_id).cloned() else {
+            let Some(owner) = rings.owner(&key.actor_type, &key.actor_id) else {
                 // This host serves the type but is not in the table yet (it just registered):
                 // wait for the table that lists it.
                 if self.settings().types.contains_key(&key.actor_type)
@@ -675,14 +675,11 @@ impl ActorRuntime {
         Local::Done(match result {
             // The HTTP channel's own timeout is the call timeout too: whichever fires first,
             // the caller hears the same.
-            Err(_) | Ok(Ok(Err(app_channel::ChannelError::Timeout(_)))) => Err(timed_out()),
+            Err(_) | Ok(Err(app_channel::ChannelError::Timeout(_))) => Err(timed_out()),
             Ok(Err(e)) => Err(CallError::invoke(format!(
                 "error invoking actor {key}: {e}"
             ))),
-            Ok(Ok(Err(e))) => Err(CallError::invoke(format!(
-                "error invoking actor {key}: {e}"
-            ))),
-            Ok(Ok(Ok(mut r))) => {
+            Ok(Ok(mut r)) => {
                 // A reminder's acknowledgement carries the fence of the activation that ran it.
                 if path.starts_with("method/remind/") {
                     r.headers.insert(EPOCH_HEADER, HeaderValue::from(epoch));
@@ -692,23 +689,23 @@ impl ActorRuntime {
         })
     }
 
-    /// Runs the app's side of a turn in a task that holds the turn until the app answers. Nobody
-    /// who stops waiting (a caller that went away, a deadline, a cancelled timer) ends the turn
-    /// early: the app may still be running it, so the actor's next turn must wait. How long the
-    /// app may take is the app channel's business (the HTTP channel has a timeout).
+    /// Runs the app's side of a turn, holding the turn until the app answers. Nobody who stops
+    /// waiting (a caller that went away, a deadline, a cancelled timer) ends the turn early: the
+    /// app may still be running it, so the actor's next turn must wait. The call runs in the
+    /// caller's task; only if the caller drops it unfinished does the rest move to a task of its
+    /// own ([`TurnCall`]). How long the app may take is the app channel's business (the HTTP
+    /// channel has a timeout).
     fn run_turn(
         self: &Arc<Self>,
         turn: Turn,
         app: Arc<dyn AppChannel>,
         req: AppRequest,
-    ) -> tokio::task::JoinHandle<Result<AppResponse, app_channel::ChannelError>> {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let r = app.call(req).await;
-            turn.activation().touch(me.now_ms());
-            drop(turn);
-            r
-        })
+    ) -> TurnCall {
+        TurnCall {
+            call: Some(Box::pin(async move { app.call(req).await })),
+            turn: Some(turn),
+            runtime: self.clone(),
+        }
     }
 
     /// Finds or creates the activation and takes its turn.
@@ -996,6 +993,63 @@ fn no_store() -> CallError {
         "ERR_ACTOR_RUNTIME_NOT_FOUND",
         "actors need a state store with actorStateStore: \"true\" in its metadata",
     )
+}
+
+type AppCall = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<AppResponse, app_channel::ChannelError>> + Send>,
+>;
+
+/// The app's side of one turn ([`ActorRuntime::run_turn`]): ends the turn when the app answers;
+/// dropped before that, it hands the unfinished call and the turn to a task that ends the turn
+/// when the app does answer.
+pub(crate) struct TurnCall {
+    call: Option<AppCall>,
+    turn: Option<Turn>,
+    runtime: Arc<ActorRuntime>,
+}
+
+impl TurnCall {
+    fn finish(runtime: &ActorRuntime, turn: Turn) {
+        turn.activation().touch(runtime.now_ms());
+        drop(turn);
+    }
+}
+
+impl std::future::Future for TurnCall {
+    type Output = Result<AppResponse, app_channel::ChannelError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(call) = self.call.as_mut() else {
+            return std::task::Poll::Ready(Err(app_channel::ChannelError::Unreachable(
+                "the turn's call was already answered".into(),
+            )));
+        };
+        let out = std::task::ready!(call.as_mut().poll(cx));
+        self.call = None;
+        if let Some(turn) = self.turn.take() {
+            TurnCall::finish(&self.runtime, turn);
+        }
+        std::task::Poll::Ready(out)
+    }
+}
+
+impl Drop for TurnCall {
+    fn drop(&mut self) {
+        let (Some(call), Some(turn)) = (self.call.take(), self.turn.take()) else {
+            return;
+        };
+        let runtime = self.runtime.clone();
+        // Without a runtime (the process is shutting down) nothing runs turns any more.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = call.await;
+                TurnCall::finish(&runtime, turn);
+            });
+        }
+    }
 }
 
 /// The reentrancy id of the call chain: the caller's, or a fresh one.

@@ -155,15 +155,12 @@ impl ActorRuntime {
         };
         // The turn lasts until the app answers, even if this timer is cancelled meanwhile.
         match tokio::time::timeout_at(deadline, self.run_turn(turn, app, req)).await {
-            Ok(Ok(Ok(r))) if r.status.is_success() => {}
-            Ok(Ok(Ok(r))) => {
+            Ok(Ok(r)) if r.status.is_success() => {}
+            Ok(Ok(r)) => {
                 tracing::warn!(actor = %act.key, timer = name, status = %r.status, "timer callback failed")
             }
-            Ok(Ok(Err(e))) => {
-                tracing::warn!(actor = %act.key, timer = name, error = %e, "timer callback failed")
-            }
             Ok(Err(e)) => {
-                tracing::warn!(actor = %act.key, timer = name, error = %e, "timer callback task failed")
+                tracing::warn!(actor = %act.key, timer = name, error = %e, "timer callback failed")
             }
             Err(_) => tracing::warn!(actor = %act.key, timer = name, "timer callback timed out"),
         }
