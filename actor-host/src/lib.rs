@@ -258,9 +258,10 @@ impl Host {
             let svc = actors::remote::service(runtime.clone());
             let stop = background.clone();
             tokio::spawn(async move {
-                let incoming = tonic::transport::server::TcpIncoming::from(internal).with_nodelay(Some(true));
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(internal).with_nodelay(Some(true));
                 if let Err(e) = tonic::transport::Server::builder()
-                                .add_service(svc)
+                    .add_service(svc)
                     .serve_with_incoming_shutdown(incoming, stop.cancelled())
                     .await
                 {

@@ -113,7 +113,7 @@ pub struct StoredJob {
 }
 
 /// What a create did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PutOutcome {
     /// Stored (replacing an older job if `replaced`); its first attempt is at `first`.
     Stored {
