@@ -20,6 +20,7 @@
 
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -61,7 +62,7 @@ pub struct PartitionProgress {
 pub enum Command {
     /// Store a job (its generation is the entry's log index).
     Put {
-        job: Job,
+        job: Box<Job>,
         overwrite: bool,
     },
     Delete {
@@ -212,14 +213,9 @@ fn store_err(e: crate::store::StoreError) -> StorageError<NodeId> {
 pub fn open(db: sled::Db, durable: bool) -> Result<(LogStore, StateMachine), StorageError<NodeId>> {
     let log = LogStore::open(&db, durable)?;
     let store = Arc::new(
-        JobStore::on_db(db.clone(), false)
+        JobStore::replicated(db.clone())
             .map_err(|e| read_err(std::io::Error::other(e.to_string())))?,
     );
-    // Nothing is fired until the replica holds partitions.
-    store
-        .set_owned(Some(Default::default()))
-        .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
-    store.track_progress();
     let trees = db.open_tree("sm").map_err(read_err)?;
     let meta: Meta = match trees.get("meta").map_err(read_err)? {
         Some(raw) => serde_json::from_slice(&raw).map_err(read_err)?,
@@ -265,6 +261,15 @@ impl StateMachine {
         *self.applied.borrow()
     }
 
+    /// Waits until the entry at `index` is applied here; false if it was not within `timeout`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        let reached = tokio::time::timeout(timeout, rx.wait_for(|a| *a >= index))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        reached
+    }
+
     /// Applies one command at log index `index` (the whole effect of a normal entry).
     pub fn apply_command(
         &self,
@@ -273,7 +278,7 @@ impl StateMachine {
     ) -> Result<Applied, crate::store::StoreError> {
         Ok(match cmd {
             Command::Put { job, overwrite } => {
-                Applied::Put(self.store.put_as(job.clone(), *overwrite, index)?)
+                Applied::Put(self.store.put_as((**job).clone(), *overwrite, index)?)
             }
             Command::Delete { key } => {
                 Applied::Deleted(self.store.delete_local(&JobKey::from_bytes(key.clone()))?)

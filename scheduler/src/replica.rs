@@ -7,8 +7,9 @@
 //!   confirms its leadership first.
 //! - Partition leases: every replica asks the leader to renew its lease every `renew_every`,
 //!   telling it how far it has applied the log. The answer lists the partitions it owns with
-//!   their epochs; the lease runs for `lease` from when the request was *sent*, on the replica's
-//!   own clock. A replica fires a partition only while its lease runs and both the answer and
+//!   their epochs; the lease runs from when the request was *sent*, on the replica's own clock,
+//!   for `lease` less the age of the leader's last quorum acknowledgement (so a deposed leader's
+//!   grants end within `lease` of its last certain moment as leader). A replica fires a partition only while its lease runs and both the answer and
 //!   its own applied assignment give it that partition at that epoch.
 //! - Assignment (leader): every `renew_every / 2` the leader commits changes for partitions that
 //!   are unowned, whose owner has not renewed for `lease + margin` (so its lease has certainly run
@@ -57,8 +58,8 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Timing {
-            lease: Duration::from_secs(3),
-            margin: Duration::from_secs(1),
+            lease: Duration::from_secs(2),
+            margin: Duration::from_millis(500),
             renew_every: Duration::from_millis(400),
             progress_every: Duration::from_millis(200),
         }
@@ -120,6 +121,10 @@ struct Renew {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Renewed {
     owned: Vec<(u32, u64)>,
+    /// How long the lease runs from when the request was sent: `lease` less the age of the
+    /// leader's last quorum acknowledgement, so no lease a leader grants outlasts `lease` after
+    /// the last moment it was certainly leader (a successor's wait covers them all).
+    lease_ms: u64,
 }
 
 /// What the leader knows of a replica from its renewals.
@@ -241,6 +246,8 @@ pub struct Replica {
     id: NodeId,
     timing: Timing,
     members: BTreeSet<NodeId>,
+    /// Every replica's address.
+    addrs: BTreeMap<NodeId, String>,
     raft: Raft,
     sm: StateMachine,
     handle: SchedulerHandle,
@@ -310,6 +317,7 @@ impl Replica {
             id,
             timing,
             members: peers.keys().copied().collect(),
+            addrs: peers.clone(),
             raft,
             sm,
             handle,
@@ -403,7 +411,7 @@ impl Replica {
     /// Commits `cmd` (here if this replica leads, else on the leader) and returns its effect.
     pub async fn write(&self, cmd: Command) -> Result<Applied, ReplicaError> {
         match self.raft.client_write(cmd.clone()).await {
-            Ok(r) => Ok(r.data),
+            Ok(r) => Ok(self.settle_delete(&cmd, r.log_id.index, r.data).await),
             Err(e) => match e.forward_to_leader() {
                 Some(f) if f.leader_id.is_some_and(|l| l != self.id) => {
                     self.to_leader("write", &cmd, Duration::from_secs(5)).await
@@ -415,11 +423,42 @@ impl Replica {
 
     /// Commits `cmd` only if this replica leads (a forwarded write is not forwarded again).
     async fn write_here(&self, cmd: Command) -> Result<Applied, ReplicaError> {
-        self.raft
-            .client_write(cmd)
+        let r = self
+            .raft
+            .client_write(cmd.clone())
             .await
-            .map(|r| r.data)
-            .map_err(|e| ReplicaError::Unavailable(e.to_string()))
+            .map_err(|e| ReplicaError::Unavailable(e.to_string()))?;
+        Ok(self.settle_delete(&cmd, r.log_id.index, r.data).await)
+    }
+
+    /// After a delete committed at `index` (on the leader, which has applied it): waits until the
+    /// replica firing the job's partition has applied it too, so that, as with a single replica,
+    /// the only tick of the job that can still arrive is one already sent. If that replica does
+    /// not answer within `ACK_WAIT` (down, cut off), the delete is answered anyway: a tick it
+    /// sends before its lease runs out is then possible.
+    async fn settle_delete(&self, cmd: &Command, index: u64, applied: Applied) -> Applied {
+        const ACK_WAIT: Duration = Duration::from_secs(2);
+        let Command::Delete { key } = cmd else {
+            return applied;
+        };
+        let slot = self.sm.assignment().borrow().slot(partition_of(key));
+        let Some(owner) = slot.owner.or(slot.released_by).filter(|o| *o != self.id) else {
+            return applied;
+        };
+        let Some(addr) = self.addrs.get(&owner) else {
+            return applied;
+        };
+        let asked = async {
+            let payload = serde_json::to_vec(&index).map_err(|e| e.to_string())?;
+            let mut t = self.peer(addr).map_err(|e| e.to_string())?;
+            t.call("applied", payload, ACK_WAIT)
+                .await
+                .map_err(|s| s.message().to_string())
+        };
+        if let Err(e) = asked.await {
+            tracing::debug!(owner, error = %e, "the partition owner did not confirm a delete");
+        }
+        applied
     }
 
     /// Reads a job as of the latest commit (on the leader).
@@ -461,6 +500,15 @@ impl Replica {
         match kind {
             "renew" => encode(&self.renewed(decode(payload)?)?),
             "write" => encode(&self.write_here(decode(payload)?).await?),
+            "applied" => {
+                let index: u64 = decode(payload)?;
+                if !self.sm.wait_applied(index, Duration::from_secs(2)).await {
+                    return Err(ReplicaError::Unavailable(format!(
+                        "index {index} not applied yet"
+                    )));
+                }
+                encode(&index)
+            }
             "get" => {
                 let key: Vec<u8> = decode(payload)?;
                 self.raft
@@ -478,6 +526,12 @@ impl Replica {
         if !self.is_leader() {
             return Err(ReplicaError::Unavailable("not the leader".into()));
         }
+        let since_ack = self
+            .raft
+            .metrics()
+            .borrow()
+            .millis_since_quorum_ack
+            .unwrap_or(0);
         lock(&self.heard).insert(
             req.from,
             Heard {
@@ -487,6 +541,7 @@ impl Replica {
         );
         Ok(Renewed {
             owned: self.sm.assignment().borrow().owned_by(req.from),
+            lease_ms: (self.timing.lease.as_millis() as u64).saturating_sub(since_ack),
         })
     }
 
@@ -506,7 +561,7 @@ impl Replica {
             match answer {
                 Ok(r) => {
                     *lock(&self.lease) = Some(Lease {
-                        until: sent + self.timing.lease,
+                        until: sent + Duration::from_millis(r.lease_ms).min(self.timing.lease),
                         owned: r.owned.into_iter().collect(),
                     });
                     self.refresh_firing();

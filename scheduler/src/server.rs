@@ -222,7 +222,13 @@ impl Node {
                 .await
                 .map_err(internal)?
                 .into(),
-            Some(r) => match r.write(Command::Put { job, overwrite }).await? {
+            Some(r) => match r
+                .write(Command::Put {
+                    job: Box::new(job),
+                    overwrite,
+                })
+                .await?
+            {
                 Applied::Put(out) => out.into(),
                 other => return Err(internal(format!("unexpected outcome {other:?}"))),
             },

@@ -261,13 +261,26 @@ impl JobStore {
         Self::with_db(sled::Config::new().temporary(true).open()?, false)
     }
 
-    /// The store on an open database (the scheduler service keeps it beside its Raft log).
-    /// `durable: false` makes creates and deletes skip the flush.
-    pub fn on_db(db: sled::Db, durable: bool) -> Result<Self, StoreError> {
-        Self::with_db(db, durable)
+    /// The store of a scheduler replica, on the database it shares with its Raft log: it never
+    /// flushes (the log is the durable record), indexes no partition until
+    /// [`JobStore::set_owned`] gives it some, and records the trigger loop's state changes.
+    pub fn replicated(db: sled::Db) -> Result<Self, StoreError> {
+        let store = Self::open_with(db, false, Some(HashSet::new()))?;
+        // Drop the index entries of the partitions it fired before a restart.
+        store.set_owned(Some(HashSet::new()))?;
+        store.track_progress();
+        Ok(store)
     }
 
     fn with_db(db: sled::Db, durable: bool) -> Result<Self, StoreError> {
+        Self::open_with(db, durable, None)
+    }
+
+    fn open_with(
+        db: sled::Db,
+        durable: bool,
+        owned: Option<HashSet<u32>>,
+    ) -> Result<Self, StoreError> {
         let store = JobStore {
             jobs: db.open_tree("jobs")?,
             due: db.open_tree("due")?,
@@ -280,7 +293,7 @@ impl JobStore {
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
             flushes: AtomicU64::new(0),
-            owned: RwLock::new(None),
+            owned: RwLock::new(owned),
             track: AtomicBool::new(false),
             progress: Mutex::new(HashMap::new()),
         };
@@ -299,7 +312,7 @@ impl JobStore {
             };
             max_gen = max_gen.max(generation);
             let entry = due_key(ms, &key);
-            if !self.due.contains_key(&entry)? {
+            if self.indexed(&key) && !self.due.contains_key(&entry)? {
                 self.due.insert(entry, &[][..])?;
                 reindexed += 1;
             }

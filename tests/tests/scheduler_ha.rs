@@ -160,6 +160,9 @@ async fn reminders_keep_firing_when_a_replica_is_killed() {
         .unwrap_or(200);
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
+    if std::env::var_os("TESSERA_HA_KEEP").is_some() {
+        eprintln!("keeping {}", dir.path().display());
+    }
     let c = reqwest::Client::new();
 
     let mut reps = SchedulerReplica::cluster(3, dir.path());
@@ -320,6 +323,9 @@ async fn reminders_keep_firing_when_a_replica_is_killed() {
         started.elapsed()
     );
     eprintln!("{summary}");
+    if std::env::var_os("TESSERA_HA_KEEP").is_some() {
+        let _ = dir.keep();
+    }
     assert!(
         problems.is_empty(),
         "{} problems, first 20:\n{}\n{summary}",

@@ -55,7 +55,7 @@ fn stale_epoch_completion_is_rejected() {
         .apply_command(
             1,
             &Command::Put {
-                job: j,
+                job: Box::new(j),
                 overwrite: true,
             },
         )
@@ -184,7 +184,7 @@ fn stale_epoch_completion_is_rejected() {
 fn creates_are_idempotent_by_log_index() {
     let sm = machine();
     let cmd = Command::Put {
-        job: job("b"),
+        job: Box::new(job("b")),
         overwrite: false,
     };
     sm.apply_command(7, &cmd).unwrap();
