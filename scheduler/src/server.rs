@@ -148,6 +148,12 @@ impl Node {
                 stop,
             }));
         }
+        if cfg.data_dir.join("jobs").exists() {
+            tracing::warn!(
+                dir = %cfg.data_dir.join("jobs").display(),
+                "this data directory holds the jobs of a single-replica run; a cluster does not import them"
+            );
+        }
         let dir = cfg.data_dir.join("raft");
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
