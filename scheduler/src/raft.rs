@@ -100,8 +100,12 @@ pub struct Slot {
     pub owner: Option<NodeId>,
     /// The log index of the assignment that set `owner` (0: never assigned).
     pub epoch: u64,
-    /// Who owned it before it was revoked (only while `owner` is `None`).
+    /// Who owned it before it was revoked (only while `owner` is `None`)...
     pub released_by: Option<NodeId>,
+    /// ...and the epoch it owned it at: until the partition is reassigned, that replica may still
+    /// commit the completions of the deliveries it had in flight.
+    #[serde(default)]
+    pub released_epoch: u64,
 }
 
 /// Who fires which partition.
@@ -126,10 +130,12 @@ impl Assignment {
             .unwrap_or_default()
     }
 
-    /// Whether `from` owns `partition` at `epoch`: the fence progress must pass.
+    /// Whether `from` owns `partition` at `epoch`, or owned it at `epoch` until a revocation
+    /// that has not been followed by a new owner yet: the fence progress must pass.
     pub fn admits(&self, partition: u32, from: NodeId, epoch: u64) -> bool {
         let s = self.slot(partition);
-        s.owner == Some(from) && s.epoch == epoch
+        (s.owner == Some(from) && s.epoch == epoch)
+            || (s.owner.is_none() && s.released_by == Some(from) && s.released_epoch == epoch)
     }
 
     /// The partitions `node` owns, with their epochs.
@@ -142,16 +148,19 @@ impl Assignment {
             .collect()
     }
 
-    fn assign(&mut self, partition: u32, owner: Option<NodeId>, epoch: u64) {
+    /// Applies one change of an `Assign` entry at log index `epoch`.
+    pub fn assign(&mut self, partition: u32, owner: Option<NodeId>, epoch: u64) {
         if let Some(s) = self.slots.get_mut(partition as usize) {
-            let released_by = match owner {
-                Some(_) => None,
-                None => s.owner.or(s.released_by),
+            let (released_by, released_epoch) = match (owner, s.owner) {
+                (Some(_), _) => (None, 0),
+                (None, Some(prev)) => (Some(prev), s.epoch),
+                (None, None) => (s.released_by, s.released_epoch),
             };
             *s = Slot {
                 owner,
                 epoch,
                 released_by,
+                released_epoch,
             };
         }
     }

@@ -14,7 +14,9 @@
 //! - Assignment (leader): every `renew_every / 2` the leader commits changes for partitions that
 //!   are unowned, whose owner has not renewed for `lease + margin` (so its lease has certainly run
 //!   out; a new leader first waits that long after its election), or that it revoked for
-//!   balance once their former owner has applied the revocation. Partitions go to the live replica
+//!   balance once their former owner has applied the revocation and has no delivery of them in
+//!   flight nor completion uncommitted (it may still commit those under its old epoch until
+//!   the partition has a new owner). Partitions go to the live replica
 //!   with the fewest; a replica with more than its share gives some up (revoke first, reassign
 //!   once released), so a replica that comes back gets work again.
 //! - Tick completions: the trigger loop's state changes are collected and committed every
@@ -113,8 +115,12 @@ impl RaftTransport for Transport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Renew {
     from: NodeId,
-    /// The index up to which the sender has applied the log.
+    /// The sender fires exactly the partitions the assignment as of this log index gives it
+    /// (under its lease).
     applied: u64,
+    /// Partitions it stopped firing whose deliveries or completions are still pending.
+    #[serde(default)]
+    draining: Vec<u32>,
 }
 
 /// The leader's answer: the sender's partitions and their epochs.
@@ -128,10 +134,11 @@ struct Renewed {
 }
 
 /// What the leader knows of a replica from its renewals.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Heard {
     at: Instant,
     applied: u64,
+    draining: HashSet<u32>,
 }
 
 /// This replica's lease, from the leader's last answer.
@@ -153,6 +160,8 @@ pub struct PlanInput<'a> {
     pub gone: &'a BTreeSet<NodeId>,
     /// How far each replica has applied the log, as last reported.
     pub applied: &'a HashMap<NodeId, u64>,
+    /// Partitions each replica still drains (deliveries or completions pending), as last reported.
+    pub draining: &'a HashMap<NodeId, HashSet<u32>>,
     /// Whether never-assigned partitions may be handed out yet.
     pub assign_fresh: bool,
 }
@@ -180,7 +189,8 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<(u32, Option<NodeId>)> {
             (None, Some(prev)) => {
                 let released = input.gone.contains(&prev)
                     || !input.members.contains(&prev)
-                    || input.applied.get(&prev).is_some_and(|a| *a >= s.epoch);
+                    || (input.applied.get(&prev).is_some_and(|a| *a >= s.epoch)
+                        && !input.draining.get(&prev).is_some_and(|d| d.contains(&p)));
                 if released {
                     free.push(p);
                 }
@@ -258,6 +268,13 @@ pub struct Replica {
     lease: Mutex<Option<Lease>>,
     /// The partitions the trigger loop fires, with the epoch it fires them under.
     firing: Mutex<BTreeMap<u32, u64>>,
+    /// The applied index the fired partitions were computed at (reported in renewals).
+    fired_as_of: Mutex<u64>,
+    /// Partitions no longer fired, with the epoch they were fired at, while their deliveries
+    /// or completions are pending.
+    draining: Mutex<BTreeMap<u32, u64>>,
+    /// Partitions whose completions are being committed.
+    in_transit: Mutex<HashSet<u32>>,
     renew_now: Notify,
     stop: CancellationToken,
 }
@@ -327,6 +344,9 @@ impl Replica {
             leader_since: Mutex::new(None),
             lease: Mutex::new(None),
             firing: Mutex::new(BTreeMap::new()),
+            fired_as_of: Mutex::new(0),
+            draining: Mutex::new(BTreeMap::new()),
+            in_transit: Mutex::new(HashSet::new()),
             renew_now: Notify::new(),
             stop: CancellationToken::new(),
         });
@@ -537,6 +557,7 @@ impl Replica {
             Heard {
                 at: Instant::now(),
                 applied: req.applied,
+                draining: req.draining.into_iter().collect(),
             },
         );
         Ok(Renewed {
@@ -551,7 +572,8 @@ impl Replica {
             let sent = Instant::now();
             let req = Renew {
                 from: self.id,
-                applied: self.sm.applied(),
+                applied: *lock(&self.fired_as_of),
+                draining: self.still_draining(),
             };
             let answer = if self.raft.metrics().borrow().current_leader == Some(self.id) {
                 self.renewed(req)
@@ -605,10 +627,27 @@ impl Replica {
         }
     }
 
+    /// The partitions this replica stopped firing whose deliveries are in flight or whose
+    /// completions are not committed yet; forgets the others.
+    fn still_draining(&self) -> Vec<u32> {
+        let mut draining = lock(&self.draining);
+        if draining.is_empty() {
+            return Vec::new();
+        }
+        let mut pending = self.handle.busy_partitions();
+        pending.extend(self.sm.store().progress_partitions());
+        pending.extend(lock(&self.in_transit).iter().copied());
+        draining.retain(|p, _| pending.contains(p));
+        draining.keys().copied().collect()
+    }
+
     /// Recomputes the fired partitions; returns when the lease runs out.
     fn refresh_firing(&self) -> Option<Instant> {
         let now = Instant::now();
         let lease = lock(&self.lease).clone();
+        // Read before the assignment, which the state machine publishes first: the assignment
+        // used below is at least as new as this index.
+        let applied = self.sm.applied();
         let assignment = self.sm.assignment().borrow().clone();
         let want: BTreeMap<u32, u64> = match &lease {
             Some(l) if now < l.until => assignment
@@ -621,32 +660,43 @@ impl Replica {
         let mut firing = lock(&self.firing);
         if *firing != want {
             let set: HashSet<u32> = want.keys().copied().collect();
-            match self.sm.store().set_owned(Some(set)) {
-                Ok(()) => {
-                    let (gained, lost): (Vec<u32>, Vec<u32>) = (
-                        want.keys()
-                            .filter(|p| !firing.contains_key(p))
-                            .copied()
-                            .collect(),
-                        firing
-                            .keys()
-                            .filter(|p| !want.contains_key(p))
-                            .copied()
-                            .collect(),
-                    );
-                    tracing::info!(
-                        id = self.id,
-                        ?gained,
-                        ?lost,
-                        firing = want.len(),
-                        "partitions changed"
-                    );
-                    *firing = want;
-                    self.handle.wake();
-                }
-                Err(e) => tracing::error!(error = %e, "cannot re-index the job store"),
+            if let Err(e) = self.sm.store().set_owned(Some(set)) {
+                tracing::error!(error = %e, "cannot re-index the job store");
+                return lease.map(|l| l.until).filter(|u| *u > now);
             }
+            let gained: Vec<u32> = want
+                .keys()
+                .filter(|p| !firing.contains_key(p))
+                .copied()
+                .collect();
+            let lost: Vec<u32> = firing
+                .keys()
+                .filter(|p| !want.contains_key(p))
+                .copied()
+                .collect();
+            tracing::info!(
+                id = self.id,
+                ?gained,
+                ?lost,
+                firing = want.len(),
+                "partitions changed"
+            );
+            {
+                let mut draining = lock(&self.draining);
+                for p in &lost {
+                    if let Some(e) = firing.get(p) {
+                        draining.insert(*p, *e);
+                    }
+                }
+                for p in &gained {
+                    draining.remove(p);
+                }
+            }
+            *firing = want;
+            self.handle.wake();
         }
+        let mut as_of = lock(&self.fired_as_of);
+        *as_of = (*as_of).max(applied);
         lease.map(|l| l.until).filter(|u| *u > now)
     }
 
@@ -699,6 +749,10 @@ impl Replica {
             };
             let applied: HashMap<NodeId, u64> =
                 heard.iter().map(|(n, h)| (*n, h.applied)).collect();
+            let draining: HashMap<NodeId, HashSet<u32>> = heard
+                .iter()
+                .map(|(n, h)| (*n, h.draining.clone()))
+                .collect();
             let assignment = self.sm.assignment().borrow().clone();
             let changes = plan(&PlanInput {
                 assignment: &assignment,
@@ -706,6 +760,7 @@ impl Replica {
                 live: &live,
                 gone: &gone,
                 applied: &applied,
+                draining: &draining,
                 assign_fresh: now.duration_since(since) >= self.timing.renew_every * 2,
             });
             if changes.is_empty() {
@@ -729,12 +784,13 @@ impl Replica {
             if items.is_empty() {
                 continue;
             }
-            let firing = lock(&self.firing).clone();
+            let mut epochs = lock(&self.draining).clone();
+            epochs.extend(lock(&self.firing).iter().map(|(p, e)| (*p, *e)));
             let mut parts: BTreeMap<u32, PartitionProgress> = BTreeMap::new();
             let mut dropped = 0usize;
             for item in items {
                 let p = partition_of(&item.key);
-                match firing.get(&p) {
+                match epochs.get(&p) {
                     Some(epoch) => parts
                         .entry(p)
                         .or_insert_with(|| PartitionProgress {
@@ -758,6 +814,8 @@ impl Replica {
                 continue;
             }
             let parts: Vec<PartitionProgress> = parts.into_values().collect();
+            let transit: Vec<u32> = parts.iter().map(|p| p.partition).collect();
+            lock(&self.in_transit).extend(transit.iter().copied());
             let cmd = Command::Progress {
                 from: self.id,
                 parts: parts.clone(),
@@ -773,6 +831,11 @@ impl Replica {
                         .store()
                         .restore_progress(parts.into_iter().flat_map(|p| p.items).collect());
                 }
+            }
+            // After a failure the items are back in the store's record, so still pending.
+            let mut in_transit = lock(&self.in_transit);
+            for p in transit {
+                in_transit.remove(&p);
             }
         }
     }

@@ -377,6 +377,12 @@ impl JobStore {
         std::mem::take(&mut *p).into_values().collect()
     }
 
+    /// The partitions with recorded changes not yet taken.
+    pub fn progress_partitions(&self) -> HashSet<u32> {
+        let p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        p.keys().map(|k| partition_of(k)).collect()
+    }
+
     /// Puts back changes that could not be replicated, unless newer ones were recorded since.
     pub fn restore_progress(&self, items: Vec<Progress>) {
         let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
@@ -702,10 +708,12 @@ impl JobStore {
         let _w = self.lock();
         let entry = due_key(ms, key.as_bytes());
         let raw = self.jobs.get(key.as_bytes())?;
-        let current = raw
-            .as_deref()
-            .and_then(header)
-            .is_some_and(|(_, m)| m == ms);
+        // Not current either if its partition stopped being fired since the entry was read.
+        let current = self.indexed(key.as_bytes())
+            && raw
+                .as_deref()
+                .and_then(header)
+                .is_some_and(|(_, m)| m == ms);
         if !current {
             self.due.remove(entry)?;
             return Ok(None);

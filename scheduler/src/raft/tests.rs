@@ -148,7 +148,8 @@ fn stale_epoch_completion_is_rejected() {
     );
     assert_eq!(sm.store().get(&key).unwrap().unwrap().state, later);
 
-    // A revocation is a new epoch too: the owner's completions stop counting at once.
+    // A revocation is a new epoch, but until the partition has a new owner its former owner may
+    // still commit the completions of what it had in flight, under its old epoch.
     sm.apply_command(
         7,
         &Command::Assign {
@@ -158,15 +159,45 @@ fn stale_epoch_completion_is_rejected() {
     .unwrap();
     let slot = lock(&sm.meta).assignment.slot(p);
     assert_eq!(
-        (slot.owner, slot.epoch, slot.released_by),
-        (None, 7, Some(2))
+        (
+            slot.owner,
+            slot.epoch,
+            slot.released_by,
+            slot.released_epoch
+        ),
+        (None, 7, Some(2), 3)
     );
+    let later2 = JobState { count: 2, ..later };
     let out = sm
         .apply_command(
             8,
             &Command::Progress {
                 from: 2,
-                parts: progress(&key, 1, later, 3),
+                parts: progress(&key, 1, later2, 3),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        out,
+        Applied::Progress {
+            accepted: 1,
+            rejected: 0
+        }
+    );
+    // Once reassigned, no longer.
+    sm.apply_command(
+        9,
+        &Command::Assign {
+            changes: vec![(p, Some(1))],
+        },
+    )
+    .unwrap();
+    let out = sm
+        .apply_command(
+            10,
+            &Command::Progress {
+                from: 2,
+                parts: progress(&key, 1, later2, 3),
             },
         )
         .unwrap();

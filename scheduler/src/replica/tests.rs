@@ -1,5 +1,4 @@
 use super::*;
-use crate::raft::Slot;
 use crate::store::PARTITIONS;
 
 fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
@@ -8,17 +7,7 @@ fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
 
 fn apply(a: &mut Assignment, changes: &[(u32, Option<NodeId>)], epoch: u64) {
     for (p, owner) in changes {
-        let s = &mut a.slots[*p as usize];
-        let released_by = if owner.is_some() {
-            None
-        } else {
-            s.owner.or(s.released_by)
-        };
-        *s = Slot {
-            owner: *owner,
-            epoch,
-            released_by,
-        };
+        a.assign(*p, *owner, epoch);
     }
 }
 
@@ -41,6 +30,7 @@ fn fresh_partitions_are_spread_over_live_replicas() {
         live: &live,
         gone: &BTreeSet::new(),
         applied: &HashMap::new(),
+        draining: &HashMap::new(),
         assign_fresh: false,
     };
     assert!(
@@ -71,6 +61,7 @@ fn a_silent_replica_keeps_its_partitions_until_gone() {
         live: &live,
         gone: &BTreeSet::new(),
         applied: &HashMap::new(),
+        draining: &HashMap::new(),
         assign_fresh: true,
     };
     // 3 is not live, but not known to be gone: its lease may still run, so nothing moves.
@@ -107,6 +98,7 @@ fn a_returning_replica_gets_work_after_the_owner_lets_go() {
         live: &live,
         gone: &BTreeSet::new(),
         applied: &applied,
+        draining: &HashMap::new(),
         assign_fresh: true,
     });
     // Revocations first.
@@ -122,6 +114,7 @@ fn a_returning_replica_gets_work_after_the_owner_lets_go() {
         live: &live,
         gone: &BTreeSet::new(),
         applied: &applied,
+        draining: &HashMap::new(),
         assign_fresh: true,
     };
     assert!(plan(&input).is_empty());
@@ -129,6 +122,22 @@ fn a_returning_replica_gets_work_after_the_owner_lets_go() {
     let mut released = applied.clone();
     released.insert(1, 10);
     released.insert(2, 10);
+    // ...nor while one of them still has deliveries of a revoked partition in flight...
+    let busy_partition = a
+        .slots
+        .iter()
+        .position(|s| s.released_by == Some(1))
+        .unwrap() as u32;
+    let draining: HashMap<NodeId, HashSet<u32>> = [(1, [busy_partition].into())].into();
+    let changes = plan(&PlanInput {
+        applied: &released,
+        draining: &draining,
+        ..input.clone()
+    });
+    assert!(
+        !changes.is_empty() && changes.iter().all(|(p, _)| *p != busy_partition),
+        "{changes:?}"
+    );
     let changes = plan(&PlanInput {
         applied: &released,
         ..input
