@@ -3,8 +3,9 @@
 //! which jobs.
 //!
 //! - Writes (creates, deletes) go through Raft on the leader; a follower forwards them. They are
-//!   answered once committed (the log is fsynced on a quorum). Reads go to the leader, which
-//!   confirms its leadership first.
+//!   answered once committed (the log is fsynced on a quorum); a delete also once the replica
+//!   firing its partition has applied it (up to 2 s), so only a tick already sent can follow it.
+//!   Reads go to the leader, which confirms its leadership first.
 //! - Partition leases: every replica asks the leader to renew its lease every `renew_every`,
 //!   telling it how far it has applied the log. The answer lists the partitions it owns with
 //!   their epochs; the lease runs from when the request was *sent*, on the replica's own clock,
