@@ -63,7 +63,9 @@ struct SchedulerArgs {
     /// This replica's id in --initial-cluster.
     #[arg(long, default_value_t = 1)]
     id: u64,
-    /// Every replica as id=host:port, comma-separated [default: <id>=127.0.0.1:<port>].
+    /// Every replica as id=host:port, comma-separated [default: <id>=127.0.0.1:<port>]. With
+    /// more than one, the jobs are replicated with Raft and the replicas share the firing
+    /// (hosts list every replica in --scheduler-host-address).
     #[arg(long, value_name = "ID=ADDR,...")]
     initial_cluster: Option<String>,
     /// gRPC port for hosts (and for Raft between replicas).
@@ -124,6 +126,8 @@ async fn run_scheduler(args: SchedulerArgs) -> anyhow::Result<u8> {
         data_dir,
         ack_timeout: parse_duration(&args.ack_timeout).context("--ack-timeout")?,
         engine: Default::default(),
+        timing: Default::default(),
+        dial: placement::network::tcp(),
     };
     tracing::info!(id = args.id, %grpc_addr, %http_addr, "starting scheduler replica");
     scheduler::server::run(cfg, grpc, http, signal()).await?;

@@ -7,8 +7,11 @@
 //! locally from the table with [`ring::Rings`].
 //!
 //! # Layout
-//! - [`store`]: Raft log and membership state machine on sled.
-//! - [`network`]: Raft RPCs between replicas over gRPC.
+//! - [`store`]: the membership state machine on sled.
+//! - [`raft_group`]: what both Raft groups do alike (initial cluster, leadership, tie-breaks).
+//! - [`raft_log`]: the Raft log on sled, shared with the scheduler's replicas.
+//! - [`network`]: Raft RPCs between replicas over gRPC (generic: the scheduler's replicas use it
+//!   too).
 //! - [`publish`]: each committed table built once as a full order and a delta, shared by every
 //!   host session.
 //! - [`server`]: the replica ([`server::Node`]): host sessions, change batching, lease expiry,
@@ -23,6 +26,8 @@
 pub mod client;
 pub mod network;
 pub mod publish;
+pub mod raft_group;
+pub mod raft_log;
 pub mod ring;
 pub mod runtime;
 pub mod server;

@@ -1,6 +1,9 @@
-//! Raft RPCs between placement replicas: openraft's requests, JSON-encoded, over the `Raft` method
-//! of the placement gRPC service (the same port hosts use).
+//! Raft RPCs between replicas: openraft's requests, JSON-encoded, over a `Raft` method of the
+//! replicas' own gRPC service (the same port their clients use). Generic over the Raft type
+//! configuration and the gRPC client ([`RaftTransport`]), so the placement replicas and the
+//! scheduler replicas share it.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,15 +15,14 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, RaftTypeConfig};
 use proto::placement::placement_client::PlacementClient;
 use proto::placement::RaftMessage;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::store::NodeId;
-use crate::{Raft, TypeConfig};
+use crate::raft_log::NodeId;
 
 /// Opens a (lazy) gRPC channel to `host:port`: plain TCP in production, simulated sockets in
 /// `sims/`.
@@ -36,39 +38,91 @@ pub fn tcp() -> Dial {
     })
 }
 
-/// Creates one [`Peer`] per target replica.
-#[derive(Clone)]
-pub struct Network {
-    pub dial: Dial,
+/// The `Raft` method of a replica's gRPC service: `(kind, payload)` in, payload out.
+pub trait RaftTransport: Clone + Send + Sync + 'static {
+    fn connect(channel: Channel) -> Self;
+    fn call(
+        &mut self,
+        kind: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>, tonic::Status>> + Send;
 }
 
-impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = Peer;
+impl RaftTransport for PlacementClient<Channel> {
+    fn connect(channel: Channel) -> Self {
+        PlacementClient::new(channel)
+    }
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+    async fn call(
+        &mut self,
+        kind: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let mut request = tonic::Request::new(RaftMessage {
+            kind: kind.to_string(),
+            payload,
+        });
+        request.set_timeout(timeout);
+        Ok(self.raft(request).await?.into_inner().payload)
+    }
+}
+
+/// Creates one [`Peer`] per target replica.
+pub struct Network<C, T = PlacementClient<Channel>> {
+    pub dial: Dial,
+    _types: PhantomData<fn() -> (C, T)>,
+}
+
+impl<C, T> Network<C, T> {
+    pub fn new(dial: Dial) -> Self {
+        Network {
+            dial,
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<C, T> Clone for Network<C, T> {
+    fn clone(&self) -> Self {
+        Network::new(self.dial.clone())
+    }
+}
+
+impl<C, T> RaftNetworkFactory<C> for Network<C, T>
+where
+    C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>,
+    T: RaftTransport,
+{
+    type Network = Peer<C, T>;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer<C, T> {
         Peer {
             target,
             addr: node.addr.clone(),
             dial: self.dial.clone(),
             client: None,
+            _types: PhantomData,
         }
     }
 }
 
 /// The connection to one other replica.
-pub struct Peer {
+pub struct Peer<C, T> {
     target: NodeId,
     addr: String,
     dial: Dial,
-    client: Option<PlacementClient<Channel>>,
+    client: Option<T>,
+    _types: PhantomData<fn() -> C>,
 }
 
-impl Peer {
-    fn client(&mut self) -> Result<PlacementClient<Channel>, tonic::transport::Error> {
+impl<C, T: RaftTransport> Peer<C, T> {
+    fn client(&mut self) -> Result<T, tonic::transport::Error> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let c = PlacementClient::new((self.dial)(&self.addr)?);
+        let c = T::connect((self.dial)(&self.addr)?);
         self.client = Some(c.clone());
         Ok(c)
     }
@@ -89,29 +143,28 @@ impl Peer {
         let mut client = self
             .client()
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let mut request = tonic::Request::new(RaftMessage {
-            kind: kind.to_string(),
-            payload,
-        });
-        request.set_timeout(option.hard_ttl());
-        let reply = match client.raft(request).await {
-            Ok(r) => r.into_inner(),
+        let reply = match client.call(kind, payload, option.hard_ttl()).await {
+            Ok(r) => r,
             Err(status) => {
                 // Reconnect next time: the peer may have restarted on the same address.
                 self.client = None;
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
         };
-        let res: Result<Resp, E> = serde_json::from_slice(&reply.payload)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let res: Result<Resp, E> =
+            serde_json::from_slice(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
 
-impl RaftNetwork<TypeConfig> for Peer {
+impl<C, T> RaftNetwork<C> for Peer<C, T>
+where
+    C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>,
+    T: RaftTransport,
+{
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call("append", &rpc, &option).await
@@ -119,7 +172,7 @@ impl RaftNetwork<TypeConfig> for Peer {
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        rpc: InstallSnapshotRequest<C>,
         option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
@@ -137,28 +190,29 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
-/// Serves one Raft RPC on the receiving replica.
-pub async fn handle(raft: &Raft, msg: RaftMessage) -> Result<RaftMessage, tonic::Status> {
+/// Serves one of openraft's RPCs on the receiving replica: `Ok(None)` if `kind` is not one of
+/// them (the service may have kinds of its own).
+pub async fn handle<C>(
+    raft: &openraft::Raft<C>,
+    kind: &str,
+    payload: &[u8],
+) -> Result<Option<Vec<u8>>, tonic::Status>
+where
+    C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>,
+{
     fn decode<T: DeserializeOwned>(p: &[u8]) -> Result<T, tonic::Status> {
         serde_json::from_slice(p)
             .map_err(|e| tonic::Status::invalid_argument(format!("bad raft payload: {e}")))
     }
-    fn encode<T: Serialize>(kind: String, v: &T) -> Result<RaftMessage, tonic::Status> {
-        let payload = serde_json::to_vec(v).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        Ok(RaftMessage { kind, payload })
+    fn encode<T: Serialize>(v: &T) -> Result<Option<Vec<u8>>, tonic::Status> {
+        serde_json::to_vec(v)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
     }
-    match msg.kind.as_str() {
-        "append" => encode(
-            msg.kind.clone(),
-            &raft.append_entries(decode(&msg.payload)?).await,
-        ),
-        "vote" => encode(msg.kind.clone(), &raft.vote(decode(&msg.payload)?).await),
-        "snapshot" => encode(
-            msg.kind.clone(),
-            &raft.install_snapshot(decode(&msg.payload)?).await,
-        ),
-        other => Err(tonic::Status::invalid_argument(format!(
-            "unknown raft message kind {other:?}"
-        ))),
+    match kind {
+        "append" => encode(&raft.append_entries(decode(payload)?).await),
+        "vote" => encode(&raft.vote(decode(payload)?).await),
+        "snapshot" => encode(&raft.install_snapshot(decode(payload)?).await),
+        _ => Ok(None),
     }
 }

@@ -13,7 +13,6 @@
 //!   [`crate::settle`]); it sends it in every acknowledgement and pushes it when it grows.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +20,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use openraft::{BasicNode, ServerState};
 use prost::Message;
 use proto::placement::placement_order::Order;
 use proto::placement::placement_server::Placement;
@@ -32,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::network::{self, Network};
 use crate::publish::{encode, Published};
+use crate::raft_group;
 use crate::ring::{HostEntry, Table};
 use crate::settle::Tracker;
 use crate::store::{self, NodeId, Request, StateMachine};
@@ -166,27 +165,13 @@ impl Node {
             )));
         }
         let (log, sm, table) = opened.map_err(|e| Error::Storage(e.to_string()))?;
-        let network = Network {
-            dial: cfg.dial.clone(),
-        };
+        let network: Network<crate::TypeConfig> = Network::new(cfg.dial.clone());
         let raft = Raft::new(cfg.id, raft_config(cfg.lease)?, network, log, sm.clone())
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
-        if !raft
-            .is_initialized()
+        raft_group::initialize(&raft, &cfg.peers)
             .await
-            .map_err(|e| Error::Raft(e.to_string()))?
-        {
-            let members: BTreeMap<NodeId, BasicNode> = cfg
-                .peers
-                .iter()
-                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
-                .collect();
-            // Every replica proposes the same initial membership; openraft accepts that.
-            if let Err(e) = raft.initialize(members).await {
-                tracing::debug!(error = %e, "initialize skipped");
-            }
-        }
+            .map_err(Error::Raft)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let first = Published::first(table.borrow().clone());
         let node = Arc::new(Node {
@@ -213,23 +198,15 @@ impl Node {
     /// Leader with a quorum that acknowledged it recently. A leader cut off from its followers
     /// stops counting as one well before they can elect another, so hosts move on in time.
     pub fn is_leader(&self) -> bool {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        let alone = m.membership_config.membership().voter_ids().count() <= 1;
-        m.state == ServerState::Leader
-            && (alone
-                || m.millis_since_quorum_ack
-                    .is_some_and(|ms| ms < QUORUM_FRESH_MS))
+        raft_group::leads_with_fresh_quorum(
+            &self.raft.metrics().borrow(),
+            Duration::from_millis(QUORUM_FRESH_MS),
+        )
     }
 
     /// The leader's address, if one is known.
     pub fn leader_addr(&self) -> Option<String> {
-        let m = self.raft.metrics().borrow().clone();
-        let leader = m.current_leader?;
-        m.membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.addr.clone())
+        raft_group::leader_addr(&self.raft.metrics().borrow())
     }
 
     /// The latest committed table on this replica.
@@ -264,32 +241,13 @@ impl Node {
     /// change and at least every 50 ms (an isolated leader's metrics may go quiet).
     async fn track_leadership(self: Arc<Self>) {
         let mut metrics = self.raft.metrics();
-        // openraft draws each replica's election timeout once and checks it on a coarse tick, so
-        // replicas that start together can time out on the same tick forever, each voting for
-        // itself. If no leader appears for one full election timeout, campaign once at a random
-        // instant within the next 200 ms: that breaks the tie (a vote round trip takes
-        // milliseconds), and leaves a failover well inside 3 s.
-        let stall = Duration::from_millis(ELECTION_TIMEOUT_MAX_MS);
-        let mut leaderless_since: Option<Instant> = None;
+        tokio::spawn(raft_group::break_split_votes(
+            self.raft.clone(),
+            self.cfg.id,
+            Duration::from_millis(ELECTION_TIMEOUT_MAX_MS),
+            self.shutdown.clone(),
+        ));
         loop {
-            let has_leader = metrics.borrow_and_update().current_leader.is_some();
-            match (has_leader, leaderless_since) {
-                (true, _) => leaderless_since = None,
-                (false, None) => leaderless_since = Some(Instant::now()),
-                (false, Some(t)) if t.elapsed() > stall => {
-                    let delay = Duration::from_millis(crate::runtime::random_u64() % 200);
-                    tokio::time::sleep(delay).await;
-                    if self.raft.metrics().borrow().current_leader.is_none() {
-                        tracing::info!(
-                            id = self.cfg.id,
-                            "no leader for a while; starting an election"
-                        );
-                        let _ = self.raft.trigger().elect().await;
-                    }
-                    leaderless_since = Some(Instant::now());
-                }
-                _ => {}
-            }
             let leading = self.is_leader();
             self.leading
                 .send_if_modified(|l| std::mem::replace(l, leading) != leading);
@@ -322,6 +280,7 @@ impl Node {
                 r = metrics.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
+            metrics.borrow_and_update();
         }
     }
 
@@ -630,9 +589,17 @@ impl Placement for Service {
         &self,
         request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
-        network::handle(&self.0.raft, request.into_inner())
-            .await
-            .map(tonic::Response::new)
+        let msg = request.into_inner();
+        match network::handle(&self.0.raft, &msg.kind, &msg.payload).await? {
+            Some(payload) => Ok(tonic::Response::new(RaftMessage {
+                kind: msg.kind,
+                payload,
+            })),
+            None => Err(tonic::Status::invalid_argument(format!(
+                "unknown raft message kind {:?}",
+                msg.kind
+            ))),
+        }
     }
 }
 
@@ -725,24 +692,5 @@ fn health_router(node: Arc<Node>) -> axum::Router {
 
 /// Parses `1=127.0.0.1:50005,2=127.0.0.1:51005`.
 pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<NodeId, String>, Error> {
-    let mut out = BTreeMap::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part
-            .split_once('=')
-            .ok_or_else(|| Error::Config(format!("{part:?} is not id=host:port")))?;
-        let id: NodeId = id
-            .trim()
-            .parse()
-            .map_err(|_| Error::Config(format!("{id:?} is not a replica id")))?;
-        addr.trim()
-            .parse::<SocketAddr>()
-            .map_err(|_| Error::Config(format!("{addr:?} is not host:port")))?;
-        if out.insert(id, addr.trim().to_string()).is_some() {
-            return Err(Error::Config(format!("replica id {id} appears twice")));
-        }
-    }
-    if out.is_empty() {
-        return Err(Error::Config("the initial cluster is empty".into()));
-    }
-    Ok(out)
+    raft_group::parse_initial_cluster(s).map_err(|e| Error::Config(e.0))
 }

@@ -1,8 +1,7 @@
-//! Raft storage for the placement service, on sled: the log store ([`LogStore`]) and the
-//! membership state machine ([`StateMachine`]) that openraft drives (storage-v2 traits).
+//! Raft storage for the placement service, on sled: the log store ([`LogStore`], the shared
+//! [`crate::raft_log`]) and the membership state machine ([`StateMachine`]) that openraft drives
+//! (storage-v2 traits).
 //!
-//! - Tree `log`: entry index (u64 BE) -> JSON entry. Tree `meta`: the vote, the last purged log
-//!   id and the committed log id. Every change is flushed before openraft is told it is done.
 //! - The state machine lives in memory (a few hundred bytes per host) and is snapshotted as JSON
 //!   into tree `snapshot`; on start it is restored from the snapshot and openraft re-applies the
 //!   log after it.
@@ -14,23 +13,21 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
-use std::fmt::Debug;
 use std::io::Cursor;
-use std::ops::RangeBounds;
 use std::sync::{Arc, Mutex};
 
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
-    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+    Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use crate::raft_log::NodeId;
+use crate::raft_log::{flush, io_err, read_err, write_err};
 use crate::ring::{HostEntry, Table};
 use crate::TypeConfig;
-
-pub type NodeId = u64;
 
 /// A change to the membership, as committed through Raft.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,22 +81,6 @@ impl Membership {
     }
 }
 
-fn io_err(
-    subject: ErrorSubject<NodeId>,
-    verb: ErrorVerb,
-    e: impl std::error::Error + 'static,
-) -> StorageError<NodeId> {
-    StorageIOError::new(subject, verb, AnyError::new(&e)).into()
-}
-
-fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
-    io_err(ErrorSubject::Store, ErrorVerb::Read, e)
-}
-
-fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
-    io_err(ErrorSubject::Store, ErrorVerb::Write, e)
-}
-
 /// Opens the trees of one replica's storage.
 pub fn open(
     dir: &std::path::Path,
@@ -119,12 +100,7 @@ pub fn open_db(
     db: sled::Db,
     durable: bool,
 ) -> Result<(LogStore, StateMachine, watch::Receiver<Table>), StorageError<NodeId>> {
-    let log = LogStore {
-        durable,
-        db: db.clone(),
-        log: db.open_tree("log").map_err(read_err)?,
-        meta: db.open_tree("meta").map_err(read_err)?,
-    };
+    let log = LogStore::open(&db, durable)?;
     let snapshots = db.open_tree("snapshot").map_err(read_err)?;
     let mut sm = SmState::default();
     let mut current = None;
@@ -145,187 +121,8 @@ pub fn open_db(
     Ok((log, machine, rx))
 }
 
-async fn flush(db: &sled::Db, durable: bool) -> Result<(), StorageError<NodeId>> {
-    if durable {
-        db.flush_async().await.map_err(write_err)?;
-    }
-    Ok(())
-}
-
-/// The Raft log on sled.
-#[derive(Clone)]
-pub struct LogStore {
-    durable: bool,
-    db: sled::Db,
-    log: sled::Tree,
-    meta: sled::Tree,
-}
-
-impl LogStore {
-    fn meta_get<T: for<'de> Deserialize<'de>>(
-        &self,
-        key: &str,
-    ) -> Result<Option<T>, StorageError<NodeId>> {
-        match self.meta.get(key).map_err(read_err)? {
-            None => Ok(None),
-            Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(read_err)?)),
-        }
-    }
-
-    async fn meta_put<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StorageError<NodeId>> {
-        self.meta
-            .insert(key, serde_json::to_vec(v).map_err(write_err)?)
-            .map_err(write_err)?;
-        flush(&self.db, self.durable).await?;
-        Ok(())
-    }
-}
-
-impl LogStore {
-    /// Removes the log entries whose keys fall in `range`, then flushes.
-    async fn remove_entries(
-        &self,
-        range: impl RangeBounds<[u8; 8]>,
-    ) -> Result<(), StorageError<NodeId>> {
-        let keys: Vec<_> = self
-            .log
-            .range(range)
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(write_err)?;
-        for k in keys {
-            self.log.remove(k).map_err(write_err)?;
-        }
-        flush(&self.db, self.durable).await
-    }
-}
-
-impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
-        use std::ops::Bound;
-        let start = match range.start_bound() {
-            Bound::Included(i) => *i,
-            Bound::Excluded(i) => i + 1,
-            Bound::Unbounded => 0,
-        };
-        let mut out = Vec::new();
-        for item in self.log.range(start.to_be_bytes()..) {
-            let (k, v) = item.map_err(read_err)?;
-            let idx = u64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| read_err(std::io::Error::other("bad log key")))?,
-            );
-            if !range.contains(&idx) {
-                break;
-            }
-            out.push(serde_json::from_slice(&v).map_err(read_err)?);
-        }
-        Ok(out)
-    }
-}
-
-impl RaftLogStorage<TypeConfig> for LogStore {
-    type LogReader = Self;
-
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
-        let last_purged: Option<LogId<NodeId>> = self.meta_get("last_purged")?;
-        let last = match self.log.last().map_err(read_err)? {
-            Some((_, v)) => Some(
-                serde_json::from_slice::<Entry<TypeConfig>>(&v)
-                    .map_err(read_err)?
-                    .log_id,
-            ),
-            None => last_purged,
-        };
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id: last,
-        })
-    }
-
-    async fn get_log_reader(&mut self) -> Self::LogReader {
-        self.clone()
-    }
-
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.meta_put("vote", vote).await
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        self.meta_get("vote")
-    }
-
-    async fn save_committed(
-        &mut self,
-        committed: Option<LogId<NodeId>>,
-    ) -> Result<(), StorageError<NodeId>> {
-        // Not flushed: losing it only means re-applying a little more after a crash.
-        self.meta
-            .insert(
-                "committed",
-                serde_json::to_vec(&committed).map_err(write_err)?,
-            )
-            .map_err(write_err)?;
-        Ok(())
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        Ok(self
-            .meta_get::<Option<LogId<NodeId>>>("committed")?
-            .flatten())
-    }
-
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError<NodeId>>
-    where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
-    {
-        // One insert per entry, in order (no sled batch: it takes a process-wide lock that sled's
-        // flush holds). A crash leaves a prefix of the entries, never a hole.
-        for e in entries {
-            self.log
-                .insert(
-                    e.log_id.index.to_be_bytes(),
-                    serde_json::to_vec(&e).map_err(write_err)?,
-                )
-                .map_err(write_err)?;
-        }
-        // Not awaited at all when not durable: in a simulation, waiting on sled's IO threads would
-        // let real time decide where in simulated time the write completes.
-        let res = if self.durable {
-            self.db
-                .flush_async()
-                .await
-                .map(drop)
-                .map_err(std::io::Error::other)
-        } else {
-            Ok(())
-        };
-        let failed = res.is_err();
-        callback.log_io_completed(res);
-        if failed {
-            return Err(write_err(std::io::Error::other("log flush failed")));
-        }
-        Ok(())
-    }
-
-    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.remove_entries(log_id.index.to_be_bytes()..).await
-    }
-
-    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.meta_put("last_purged", &log_id).await?;
-        self.remove_entries(..=log_id.index.to_be_bytes()).await
-    }
-}
+/// The Raft log of a placement replica.
+pub type LogStore = crate::raft_log::LogStore<TypeConfig>;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct SmState {

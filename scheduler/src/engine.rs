@@ -26,10 +26,10 @@
 //!   still arrive.
 //! - Storage errors never stop the loop: it logs them and tries again shortly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -37,7 +37,9 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::job::{FailurePolicy, Job, JobKey, JobSpec, Target};
-use crate::store::{index_time, JobState, JobStore, PutOutcome, StoreError, StoredJob};
+use crate::store::{
+    index_time, partition_of, JobState, JobStore, PutOutcome, StoreError, StoredJob,
+};
 
 /// Where the loop gets the time from.
 pub trait Clock: Send + Sync + 'static {
@@ -212,12 +214,39 @@ struct InFlight {
     last_covered: DateTime<Utc>,
 }
 
+/// Deliveries in flight per partition.
+type Busy = Arc<Mutex<HashMap<u32, usize>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The counts stay consistent whatever panicked: recover from a poisoned lock.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes one delivery of a partition off [`Busy`] when dropped.
+struct BusyGuard<'a> {
+    busy: &'a Busy,
+    partition: u32,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        let mut b = lock(self.busy);
+        if let Some(n) = b.get_mut(&self.partition) {
+            *n -= 1;
+            if *n == 0 {
+                b.remove(&self.partition);
+            }
+        }
+    }
+}
+
 /// The API side of the scheduler: creates, deletes and reads jobs and wakes the loop.
 #[derive(Debug, Clone)]
 pub struct SchedulerHandle {
     store: Arc<JobStore>,
     wake: Arc<Notify>,
     epoch: Arc<AtomicU64>,
+    busy: Busy,
     status: watch::Receiver<EngineStatus>,
 }
 
@@ -268,6 +297,12 @@ impl SchedulerHandle {
         self.poke();
     }
 
+    /// The partitions (see [`crate::store::partition_of`]) with a delivery in flight whose
+    /// outcome is not yet recorded.
+    pub fn busy_partitions(&self) -> HashSet<u32> {
+        lock(&self.busy).keys().copied().collect()
+    }
+
     fn poke(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.wake.notify_one();
@@ -284,6 +319,7 @@ pub struct Engine<C: Clock, S: Sink> {
     epoch: Arc<AtomicU64>,
     status: watch::Sender<EngineStatus>,
     in_flight: HashMap<JobKey, InFlight>,
+    busy: Busy,
     tasks: JoinSet<Result<Delivered, DeliveryError>>,
     task_keys: HashMap<tokio::task::Id, JobKey>,
     completed: u64,
@@ -317,6 +353,7 @@ impl<C: Clock, S: Sink> Engine<C, S> {
                 completed: 0,
             }),
             in_flight: HashMap::new(),
+            busy: Busy::default(),
             tasks: JoinSet::new(),
             task_keys: HashMap::new(),
             completed: 0,
@@ -328,6 +365,7 @@ impl<C: Clock, S: Sink> Engine<C, S> {
             store: self.store.clone(),
             wake: self.wake.clone(),
             epoch: self.epoch.clone(),
+            busy: self.busy.clone(),
             status: self.status.subscribe(),
         }
     }
@@ -470,6 +508,9 @@ impl<C: Clock, S: Sink> Engine<C, S> {
             sequence: st.count.saturating_add(1),
             spec: Arc::new(rec.job.spec.clone()),
         };
+        *lock(&self.busy)
+            .entry(partition_of(key.as_bytes()))
+            .or_default() += 1;
         self.in_flight.insert(
             key.clone(),
             InFlight {
@@ -489,6 +530,12 @@ impl<C: Clock, S: Sink> Engine<C, S> {
         self.completed += 1;
         let Some(f) = self.in_flight.remove(&key) else {
             return;
+        };
+        // Released once the outcome is recorded (a replica waits for it before letting a
+        // partition go).
+        let _busy = BusyGuard {
+            busy: &self.busy,
+            partition: partition_of(key.as_bytes()),
         };
         if let Err(e) = self.apply_outcome(&key, &f, result) {
             // The job keeps its current state: its index entry goes back and the tick is tried

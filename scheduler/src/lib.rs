@@ -16,16 +16,20 @@
 //!   embedded engine and by the remote [`client`].
 //! - [`server`]: the scheduler service (`tessera scheduler`): the store and trigger loop behind a
 //!   gRPC API; [`hub`] hands ticks to the hosts' watch streams and completes them on their acks.
-//! - [`client`]: the host side of the service: unary calls and watch streams, reconnecting
-//!   forever.
-//!
-//! Not here yet: replication of the job data among several replicas.
+//! - [`raft`]: the replicated job data of a scheduler cluster: Raft commands, the partition
+//!   assignment with its epochs (the fence on tick completions), the state machine on sled.
+//! - [`replica`]: a replica in a cluster: writes through the leader, partition leases, the
+//!   leader's assignment of partitions to live replicas, tick completions committed in batches.
+//! - [`client`]: the host side of the service: unary calls and watch streams to every replica,
+//!   reconnecting forever.
 
 pub mod backend;
 pub mod client;
 pub mod engine;
 pub mod hub;
 pub mod job;
+pub mod raft;
+pub mod replica;
 pub mod schedule;
 pub mod server;
 pub mod store;

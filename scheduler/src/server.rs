@@ -1,9 +1,13 @@
 //! The scheduler service (`tessera scheduler`): the durable job store and trigger loop behind a
 //! gRPC API for hosts, plus health and metrics.
 //!
+//! - One replica in `--initial-cluster`: the store is a local sled database (`<data dir>/jobs`)
+//!   that fires every job. More than one: the jobs are replicated with Raft
+//!   (`<data dir>/raft`) and each replica fires the partitions it holds a lease on
+//!   ([`crate::replica`]); a host may call any replica and watches all of them.
 //! - `ScheduleJob` / `GetJob` / `DeleteJob` carry the job as `scheduler::job::Job` JSON; the
 //!   host has already validated the request with Dapr's rules, so the scheduler only decodes it.
-//!   A create or delete is answered once durable.
+//!   A create or delete is answered once durable (flushed alone, committed in a cluster).
 //! - `WatchJobs`: a host opens it with its app id, namespace and actor types, then receives
 //!   triggers and acknowledges each one ([`crate::hub`]).
 //! - HTTP on the health port: `GET /healthz`, and `GET /metrics` in Prometheus text (fires, acks,
@@ -13,7 +17,6 @@
 //! [`serve_incoming`] take the store, clock and connections from the caller (the simulation).
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -34,10 +37,13 @@ use crate::backend::Created;
 use crate::engine::{Clock, Engine, EngineConfig, SchedulerHandle, Sink, SystemClock};
 use crate::hub::{HostInfo, Hub};
 use crate::job::{Job, JobKey};
+use crate::raft::{Applied, Command};
+use crate::replica::{Replica, ReplicaError, Timing};
 use crate::store::JobStore;
+use placement::network::Dial;
 
 /// How a scheduler replica runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// This replica's id in `peers`.
     pub id: u64,
@@ -47,6 +53,23 @@ pub struct Config {
     /// How long a host may take to acknowledge a trigger before the delivery counts as failed.
     pub ack_timeout: Duration,
     pub engine: EngineConfig,
+    /// Partition leases and commit cadence of a replicated scheduler.
+    pub timing: Timing,
+    /// How replicas reach each other.
+    pub dial: Dial,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("id", &self.id)
+            .field("peers", &self.peers)
+            .field("data_dir", &self.data_dir)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("engine", &self.engine)
+            .field("timing", &self.timing)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {
@@ -58,6 +81,8 @@ impl Config {
             data_dir: data_dir.into(),
             ack_timeout: Duration::from_secs(30),
             engine: EngineConfig::default(),
+            timing: Timing::default(),
+            dial: placement::network::tcp(),
         }
     }
 }
@@ -71,12 +96,16 @@ pub enum Error {
     Config(String),
     #[error("gRPC server: {0}")]
     Serve(String),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
 }
 
 /// One scheduler replica.
 pub struct Node {
     handle: SchedulerHandle,
     hub: Arc<Hub>,
+    /// Set when the scheduler is replicated.
+    replica: Option<Arc<Replica>>,
     stop: CancellationToken,
 }
 
@@ -87,35 +116,6 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Opens the store and starts the trigger loop. Stop it with [`Node::shutdown`].
-    pub async fn start(cfg: Config) -> Result<Arc<Node>, Error> {
-        if !cfg.peers.contains_key(&cfg.id) {
-            return Err(Error::Config(format!(
-                "--id {} is not in --initial-cluster",
-                cfg.id
-            )));
-        }
-        if cfg.peers.len() > 1 {
-            return Err(Error::Config(
-                "a replicated scheduler (more than one replica in --initial-cluster) is not built yet; run one replica".into(),
-            ));
-        }
-        let store = Arc::new(JobStore::open(&cfg.data_dir.join("jobs"))?);
-        let node = Node::start_on(
-            store,
-            Arc::new(SystemClock),
-            cfg.ack_timeout,
-            cfg.engine,
-            |hub| hub,
-        );
-        tracing::info!(
-            id = cfg.id,
-            jobs = node.handle.store().len(),
-            "scheduler replica started"
-        );
-        Ok(node)
-    }
-
     /// Starts the trigger loop on an open store and a given clock (call it inside a tokio
     /// runtime). Every tick goes to the sink `sink(hub)` returns, which is the hub itself in
     /// [`Node::start`]; the simulation (`sims/`) runs it on simulated time and wraps the hub to
@@ -133,7 +133,93 @@ impl Node {
         let stop = CancellationToken::new();
         let s = stop.clone();
         tokio::spawn(engine.run(async move { s.cancelled().await }));
-        Arc::new(Node { handle, hub, stop })
+        Arc::new(Node {
+            handle,
+            hub,
+            replica: None,
+            stop,
+        })
+    }
+
+    /// Opens the store and starts the trigger loop. Stop it with [`Node::shutdown`].
+    pub async fn start(cfg: Config) -> Result<Arc<Node>, Error> {
+        if !cfg.peers.contains_key(&cfg.id) {
+            return Err(Error::Config(format!(
+                "--id {} is not in --initial-cluster",
+                cfg.id
+            )));
+        }
+        if cfg.peers.len() == 1 {
+            let store = Arc::new(JobStore::open(&cfg.data_dir.join("jobs"))?);
+            let node = Node::start_on(
+                store,
+                Arc::new(SystemClock),
+                cfg.ack_timeout,
+                cfg.engine,
+                |hub| hub,
+            );
+            tracing::info!(
+                id = cfg.id,
+                jobs = node.handle.store().len(),
+                "scheduler replica started"
+            );
+            return Ok(node);
+        }
+        let hub = Arc::new(Hub::new(cfg.ack_timeout));
+        let stop = CancellationToken::new();
+        if cfg.data_dir.join("jobs").exists() {
+            tracing::warn!(
+                dir = %cfg.data_dir.join("jobs").display(),
+                "this data directory holds the jobs of a single-replica run; a cluster does not import them"
+            );
+        }
+        let dir = cfg.data_dir.join("raft");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
+        let db = sled::Config::new()
+            .path(&dir)
+            .cache_capacity(64 << 20)
+            .open()
+            .map_err(|e| Error::Storage(e.into()))?;
+        let (log, sm) = crate::raft::open(db, true)
+            .map_err(|e| Error::Storage(crate::store::StoreError::Backend(e.to_string())))?;
+        let engine = Engine::new(
+            sm.store().clone(),
+            Arc::new(SystemClock),
+            Arc::new(hub.clone()),
+            cfg.engine,
+        );
+        let handle = engine.handle();
+        let s = stop.clone();
+        tokio::spawn(engine.run(async move { s.cancelled().await }));
+        let jobs = handle.store().len();
+        let replica = Replica::start(
+            cfg.id,
+            &cfg.peers,
+            cfg.timing,
+            cfg.dial.clone(),
+            log,
+            sm,
+            handle.clone(),
+        )
+        .await?;
+        tracing::info!(
+            id = cfg.id,
+            replicas = cfg.peers.len(),
+            jobs,
+            "scheduler replica started"
+        );
+        Ok(Arc::new(Node {
+            handle,
+            hub,
+            replica: Some(replica),
+            stop,
+        }))
+    }
+
+    /// The replica's Raft side, when the scheduler is replicated.
+    pub fn replica(&self) -> Option<&Arc<Replica>> {
+        self.replica.as_ref()
     }
 
     pub fn handle(&self) -> &SchedulerHandle {
@@ -144,9 +230,63 @@ impl Node {
         &self.hub
     }
 
-    /// Stops the trigger loop (deliveries in flight are abandoned and fire again later).
-    pub fn shutdown(&self) {
+    /// Stops the trigger loop (deliveries in flight are abandoned and fire again later) and Raft.
+    pub async fn shutdown(&self) {
         self.stop.cancel();
+        if let Some(r) = &self.replica {
+            r.shutdown().await;
+        }
+    }
+
+    /// Stores a job; answered once durable (committed, when replicated).
+    pub async fn create(&self, job: Job, overwrite: bool) -> Result<Created, tonic::Status> {
+        Ok(match &self.replica {
+            None => self
+                .handle
+                .create(job, overwrite)
+                .await
+                .map_err(internal)?
+                .into(),
+            Some(r) => match r
+                .write(Command::Put {
+                    job: Box::new(job),
+                    overwrite,
+                })
+                .await?
+            {
+                Applied::Put(out) => out.into(),
+                other => return Err(internal(format!("unexpected outcome {other:?}"))),
+            },
+        })
+    }
+
+    /// Deletes a job; answered once durable (committed, when replicated).
+    pub async fn delete(&self, key: &JobKey) -> Result<bool, tonic::Status> {
+        Ok(match &self.replica {
+            None => self.handle.delete(key).await.map_err(internal)?,
+            Some(r) => match r
+                .write(Command::Delete {
+                    key: key.as_bytes().to_vec(),
+                })
+                .await?
+            {
+                Applied::Deleted(existed) => existed,
+                other => return Err(internal(format!("unexpected outcome {other:?}"))),
+            },
+        })
+    }
+
+    /// Reads a job (as of the latest commit, when replicated).
+    pub async fn get(&self, key: &JobKey) -> Result<Option<Job>, tonic::Status> {
+        Ok(match &self.replica {
+            None => self.handle.get(key).map_err(internal)?.map(|r| r.job),
+            Some(r) => r.get(key).await?,
+        })
+    }
+
+    /// Whether the replica can serve (a leader is known, when replicated).
+    pub fn healthy(&self) -> bool {
+        self.replica.as_ref().is_none_or(|r| r.has_leader())
     }
 
     /// Prometheus text.
@@ -165,7 +305,7 @@ impl Node {
             m.unroutable.load(Ordering::Relaxed),
             self.handle.store().len(),
             self.hub.connected(),
-        )
+        ) + &self.replica.as_ref().map(|r| r.metrics_text()).unwrap_or_default()
     }
 }
 
@@ -189,13 +329,7 @@ impl Scheduler for Service {
         let req = request.into_inner();
         let job: Job = serde_json::from_slice(&req.job)
             .map_err(|e| tonic::Status::invalid_argument(format!("bad job: {e}")))?;
-        let created: Created = self
-            .0
-            .handle
-            .create(job, req.overwrite)
-            .await
-            .map_err(internal)?
-            .into();
+        let created = self.0.create(job, req.overwrite).await?;
         use schedule_job_response::Outcome;
         let (outcome, replaced) = match created {
             Created::Stored { replaced } => (Outcome::Stored, replaced),
@@ -213,11 +347,11 @@ impl Scheduler for Service {
         request: tonic::Request<GetJobRequest>,
     ) -> Result<tonic::Response<GetJobResponse>, tonic::Status> {
         let key = JobKey::from_bytes(request.into_inner().key);
-        let found = self.0.handle.get(&key).map_err(internal)?;
+        let found = self.0.get(&key).await?;
         Ok(tonic::Response::new(match found {
-            Some(rec) => GetJobResponse {
+            Some(job) => GetJobResponse {
                 found: true,
-                job: serde_json::to_vec(&rec.job).map_err(internal)?,
+                job: serde_json::to_vec(&job).map_err(internal)?,
             },
             None => GetJobResponse::default(),
         }))
@@ -228,7 +362,7 @@ impl Scheduler for Service {
         request: tonic::Request<DeleteJobRequest>,
     ) -> Result<tonic::Response<DeleteJobResponse>, tonic::Status> {
         let key = JobKey::from_bytes(request.into_inner().key);
-        let existed = self.0.handle.delete(&key).await.map_err(internal)?;
+        let existed = self.0.delete(&key).await?;
         Ok(tonic::Response::new(DeleteJobResponse { existed }))
     }
 
@@ -281,11 +415,31 @@ impl Scheduler for Service {
 
     async fn raft(
         &self,
-        _request: tonic::Request<RaftMessage>,
+        request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
-        Err(tonic::Status::unimplemented(
-            "this scheduler replica runs alone",
-        ))
+        let Some(replica) = &self.0.replica else {
+            return Err(tonic::Status::unimplemented(
+                "this scheduler replica runs alone",
+            ));
+        };
+        let msg = request.into_inner();
+        let payload =
+            match placement::network::handle(replica.raft(), &msg.kind, &msg.payload).await? {
+                Some(p) => p,
+                None => replica
+                    .handle(&msg.kind, &msg.payload)
+                    .await?
+                    .ok_or_else(|| {
+                        tonic::Status::invalid_argument(format!(
+                            "unknown raft message kind {:?}",
+                            msg.kind
+                        ))
+                    })?,
+            };
+        Ok(tonic::Response::new(RaftMessage {
+            kind: msg.kind,
+            payload,
+        }))
     }
 }
 
@@ -351,14 +505,26 @@ where
         .add_service(SchedulerServer::new(Service(node.clone())))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
-    node.shutdown();
+    node.shutdown().await;
     result.map_err(|e| Error::Serve(e.to_string()))
 }
 
 fn health_router(node: Arc<Node>) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
-        .route("/healthz", get(|| async { axum::http::StatusCode::OK }))
+        .route(
+            "/healthz",
+            get({
+                let n = node.clone();
+                move || async move {
+                    if n.healthy() {
+                        axum::http::StatusCode::OK
+                    } else {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    }
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {
@@ -370,24 +536,5 @@ fn health_router(node: Arc<Node>) -> axum::Router {
 
 /// Parses `1=127.0.0.1:50006,2=127.0.0.1:51006`.
 pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>, Error> {
-    let mut out = BTreeMap::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part
-            .split_once('=')
-            .ok_or_else(|| Error::Config(format!("{part:?} is not id=host:port")))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .map_err(|_| Error::Config(format!("{id:?} is not a replica id")))?;
-        addr.trim()
-            .parse::<SocketAddr>()
-            .map_err(|_| Error::Config(format!("{addr:?} is not host:port")))?;
-        if out.insert(id, addr.trim().to_string()).is_some() {
-            return Err(Error::Config(format!("replica id {id} appears twice")));
-        }
-    }
-    if out.is_empty() {
-        return Err(Error::Config("the initial cluster is empty".into()));
-    }
-    Ok(out)
+    placement::raft_group::parse_initial_cluster(s).map_err(|e| Error::Config(e.0))
 }

@@ -113,7 +113,7 @@ pub struct StoredJob {
 }
 
 /// What a create did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PutOutcome {
     /// Stored (replacing an older job if `replaced`); its first attempt is at `first`.
     Stored {
@@ -261,13 +261,32 @@ impl JobStore {
         Self::with_db(sled::Config::new().temporary(true).open()?, false)
     }
 
-    /// The store on an open database (the scheduler service keeps it beside its Raft log).
-    /// `durable: false` makes creates and deletes skip the flush.
+    /// The store of a scheduler replica, on the database it shares with its Raft log: it never
+    /// flushes (the log is the durable record), indexes no partition until
+    /// [`JobStore::set_owned`] gives it some, and records the trigger loop's state changes.
+    pub fn replicated(db: sled::Db) -> Result<Self, StoreError> {
+        let store = Self::open_with(db, false, Some(HashSet::new()))?;
+        // Drop the index entries of the partitions it fired before a restart.
+        store.set_owned(Some(HashSet::new()))?;
+        store.track_progress();
+        Ok(store)
+    }
+
+    /// The store of a single scheduler on an open database. `durable: false` makes creates and
+    /// deletes skip the flush (the simulation keeps its databases across simulated crashes).
     pub fn on_db(db: sled::Db, durable: bool) -> Result<Self, StoreError> {
         Self::with_db(db, durable)
     }
 
     fn with_db(db: sled::Db, durable: bool) -> Result<Self, StoreError> {
+        Self::open_with(db, durable, None)
+    }
+
+    fn open_with(
+        db: sled::Db,
+        durable: bool,
+        owned: Option<HashSet<u32>>,
+    ) -> Result<Self, StoreError> {
         let store = JobStore {
             jobs: db.open_tree("jobs")?,
             due: db.open_tree("due")?,
@@ -280,7 +299,7 @@ impl JobStore {
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
             flushes: AtomicU64::new(0),
-            owned: RwLock::new(None),
+            owned: RwLock::new(owned),
             track: AtomicBool::new(false),
             progress: Mutex::new(HashMap::new()),
         };
@@ -299,7 +318,7 @@ impl JobStore {
             };
             max_gen = max_gen.max(generation);
             let entry = due_key(ms, &key);
-            if !self.due.contains_key(&entry)? {
+            if self.indexed(&key) && !self.due.contains_key(&entry)? {
                 self.due.insert(entry, &[][..])?;
                 reindexed += 1;
             }
@@ -362,6 +381,12 @@ impl JobStore {
     pub fn take_progress(&self) -> Vec<Progress> {
         let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         std::mem::take(&mut *p).into_values().collect()
+    }
+
+    /// The partitions with recorded changes not yet taken.
+    pub fn progress_partitions(&self) -> HashSet<u32> {
+        let p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        p.keys().map(|k| partition_of(k)).collect()
     }
 
     /// Puts back changes that could not be replicated, unless newer ones were recorded since.
@@ -712,10 +737,12 @@ impl JobStore {
         let _w = self.lock();
         let entry = due_key(ms, key.as_bytes());
         let raw = self.jobs.get(key.as_bytes())?;
-        let current = raw
-            .as_deref()
-            .and_then(header)
-            .is_some_and(|(_, m)| m == ms);
+        // Not current either if its partition stopped being fired since the entry was read.
+        let current = self.indexed(key.as_bytes())
+            && raw
+                .as_deref()
+                .and_then(header)
+                .is_some_and(|(_, m)| m == ms);
         if !current {
             self.due.remove(entry)?;
             return Ok(None);
