@@ -66,5 +66,6 @@ pub mod mem_store;
 pub mod net;
 pub mod placement_sim;
 pub mod sched_sim;
+pub mod seeds;
 
 pub use placement_sim as placement;

@@ -6,125 +6,74 @@
 
 use std::time::Instant;
 
-fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("SIM_SEED") {
-        return vec![s.parse().expect("SIM_SEED is a number")];
-    }
-    let n: u64 = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100);
-    let first: u64 = std::env::var("SIM_FIRST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (first..first + n).collect()
-}
-
 #[test]
 fn single_activation_holds_over_seeds() {
-    if let Ok(f) = std::env::var("SIM_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
-            .try_init();
-    }
+    sims::seeds::init_log();
     let start = Instant::now();
-    let seeds = seeds();
-    // Run each seed twice and compare what the two runs observed.
+    let seeds = sims::seeds::from_env();
     let replay = std::env::var_os("SIM_CHECK_REPLAY").is_some();
-    let threads: u64 = std::env::var("SIM_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2)
-        .max(1);
-    // Each thread runs its own seeds start to finish: a seed's run depends only on the seed
-    // (the random source is per thread and reseeded per run).
-    let chunks: Vec<Vec<u64>> = (0..threads)
-        .map(|t| seeds.iter().copied().filter(|s| s % threads == t).collect())
-        .collect();
-    let (failures, totals): (Vec<String>, Vec<[u64; 6]>) = std::thread::scope(|scope| {
-        let handles: Vec<_> = chunks
-            .into_iter()
-            .map(|chunk| {
-                scope.spawn(move || {
-                    let mut failures = Vec::new();
-                    let mut totals = [0u64; 6];
-                    for seed in chunk {
-                        let t = Instant::now();
-                        match sims::actor_sim::run(seed) {
-                            Ok(r) if replay && sims::actor_sim::run(seed).map(|again| again.fingerprint) != Ok(r.fingerprint) => {
-                                eprintln!("FAILED seed {seed}: a second run observed something else\n  replay with: SIM_SEED={seed} SIM_CHECK_REPLAY=1 cargo test -p sims --test actors -- --nocapture");
-                                failures.push(format!("seed {seed}: does not replay exactly"));
-                            }
-                            Ok(r) => {
-                                eprintln!(
-                                    "seed {seed}: ok in {:.1?} ({} faults, {} turns, {} writes accepted, {} refused, calls {} ok / {} failed, overlapping turns: {} ({} with a refused write or a crash), fingerprint {:016x})",
-                                    t.elapsed(),
-                                    r.faults.len(),
-                                    r.turns,
-                                    r.accepted,
-                                    r.refused,
-                                    r.calls_ok,
-                                    r.calls_failed,
-                                    r.strict_overlaps,
-                                    r.strict_overlaps_refused,
-                                    r.fingerprint,
-                                );
-                                if std::env::var_os("SIM_VERBOSE").is_some() {
-                                    for (k, v) in &r.errors {
-                                        eprintln!("    {v:5} {k}");
-                                    }
-                                    if std::env::var_os("SIM_TRACE").is_some() {
-                                        for l in &r.trace {
-                                            eprintln!("    {l}");
-                                        }
-                                    }
-                                    for (k, v) in &r.refusals {
-                                        eprintln!("    {v:5} refused: {k}");
-                                    }
-                                    for o in &r.overlap_samples {
-                                        eprintln!("    overlap: {o}");
-                                    }
-                                }
-                                for (i, v) in [
-                                    r.turns as u64,
-                                    r.accepted as u64,
-                                    r.refused,
-                                    r.strict_overlaps as u64,
-                                    r.strict_overlaps_refused as u64,
-                                    r.calls_failed,
-                                ]
-                                .into_iter()
-                                .enumerate()
-                                {
-                                    totals[i] += v;
-                                }
-                            }
-                            Err(e) => {
-                                eprintln!("FAILED {e}\n  replay with: SIM_SEED={seed} cargo test -p sims --test actors -- --nocapture");
-                                failures.push(e.lines().next().unwrap_or_default().to_string());
-                            }
+    let (failures, totals) = sims::seeds::run::<6>(&seeds, |seed| {
+        let t = Instant::now();
+        match sims::actor_sim::run(seed) {
+            Ok(r)
+                if replay
+                    && sims::actor_sim::run(seed).map(|again| again.fingerprint)
+                        != Ok(r.fingerprint) =>
+            {
+                eprintln!("FAILED seed {seed}: a second run observed something else\n  replay with: SIM_SEED={seed} SIM_CHECK_REPLAY=1 cargo test -p sims --test actors -- --nocapture");
+                Err(format!("seed {seed}: does not replay exactly"))
+            }
+            Ok(r) => {
+                eprintln!(
+                        "seed {seed}: ok in {:.1?} ({} faults, {} turns, {} writes accepted, {} refused, calls {} ok / {} failed, overlapping turns: {} ({} with a refused write or a crash), fingerprint {:016x})",
+                        t.elapsed(),
+                        r.faults.len(),
+                        r.turns,
+                        r.accepted,
+                        r.refused,
+                        r.calls_ok,
+                        r.calls_failed,
+                        r.strict_overlaps,
+                        r.strict_overlaps_refused,
+                        r.fingerprint,
+                    );
+                if std::env::var_os("SIM_VERBOSE").is_some() {
+                    for (k, v) in &r.errors {
+                        eprintln!("    {v:5} {k}");
+                    }
+                    if std::env::var_os("SIM_TRACE").is_some() {
+                        for l in &r.trace {
+                            eprintln!("    {l}");
                         }
                     }
-                    (failures, totals)
-                })
-            })
-            .collect();
-        let mut failures = Vec::new();
-        let mut totals = Vec::new();
-        for h in handles {
-            let (f, t) = h.join().expect("sim thread");
-            failures.extend(f);
-            totals.push(t);
+                    for (k, v) in &r.refusals {
+                        eprintln!("    {v:5} refused: {k}");
+                    }
+                    for o in &r.overlap_samples {
+                        eprintln!("    overlap: {o}");
+                    }
+                }
+                Ok([
+                    r.turns as u64,
+                    r.accepted as u64,
+                    r.refused,
+                    r.strict_overlaps as u64,
+                    r.strict_overlaps_refused as u64,
+                    r.calls_failed,
+                ])
+            }
+            Err(e) => {
+                eprintln!("FAILED {e}\n  replay with: SIM_SEED={seed} cargo test -p sims --test actors -- --nocapture");
+                Err(e.lines().next().unwrap_or_default().to_string())
+            }
         }
-        (failures, totals)
     });
     // Two runs of one seed observe exactly the same (O9 of the reliability plan), which is what
     // makes a printed failing seed worth rerunning. Checked here, once the threads above are done:
     // runs replay exactly one at a time, but not always while another simulation runs in the
     // same process (see `sims/src/lib.rs`).
     let mut failures = failures;
-    if std::env::var_os("SIM_SEED").is_none() {
+    if !sims::seeds::single() {
         for seed in [1000, 1001] {
             let a = sims::actor_sim::run(seed).map(|r| r.fingerprint);
             let b = sims::actor_sim::run(seed).map(|r| r.fingerprint);
@@ -135,7 +84,7 @@ fn single_activation_holds_over_seeds() {
             }
         }
     }
-    let sum = |i: usize| totals.iter().map(|t| t[i]).sum::<u64>();
+    let sum = |i: usize| totals[i];
     eprintln!(
         "{} seeds in {:?}: {} turns, {} writes accepted, {} refused, {} failed calls; overlapping turns (strict form): {}, of which {} had a refused write or a crash",
         seeds.len(),

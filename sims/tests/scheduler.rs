@@ -7,131 +7,78 @@
 
 use std::time::Instant;
 
-fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("SIM_SEED") {
-        return vec![s.parse().expect("SIM_SEED is a number")];
-    }
-    let n: u64 = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100);
-    let first: u64 = std::env::var("SIM_FIRST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (first..first + n).collect()
-}
-
 #[test]
 fn no_lost_early_or_deleted_ticks_over_seeds() {
-    if let Ok(f) = std::env::var("SIM_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
-            .try_init();
-    }
+    sims::seeds::init_log();
     let start = Instant::now();
-    let seeds = seeds();
-    let replay = std::env::var_os("SIM_CHECK_REPLAY").is_some();
+    let seeds = sims::seeds::from_env();
     let verbose = std::env::var_os("SIM_VERBOSE").is_some();
-    let threads: u64 = std::env::var("SIM_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2)
-        .max(1);
-    // Each thread runs its own seeds start to finish (the jitter generator is per thread and
-    // reseeded per run).
-    let chunks: Vec<Vec<u64>> = (0..threads)
-        .map(|t| seeds.iter().copied().filter(|s| s % threads == t).collect())
-        .collect();
-    let (failures, totals): (Vec<String>, Vec<[u64; 9]>) = std::thread::scope(|scope| {
-        let handles: Vec<_> = chunks
-            .into_iter()
-            .map(|chunk| {
-                scope.spawn(move || {
-                    let mut failures = Vec::new();
-                    let mut totals = [0u64; 9];
-                    for seed in chunk {
-                        let t = Instant::now();
-                        let rerun = format!(
-                            "  rerun just this seed with: SIM_SEED={seed} cargo test -p sims --test scheduler -- --nocapture"
-                        );
-                        match sims::sched_sim::run(seed) {
-                            Ok(r) if replay
-                                && sims::sched_sim::run(seed).map(|again| again.fingerprint)
-                                    != Ok(r.fingerprint) =>
-                            {
-                                eprintln!("FAILED seed {seed}: a second run observed something else\n{rerun}");
-                                failures.push(format!("seed {seed}: does not replay exactly"));
-                            }
-                            Ok(r) => {
-                                eprintln!(
-                                    "seed {seed}: ok in {:.1?} ({} faults, in-flight bound {}, slow app: {}, {} scheduler restarts, {} creates ({} found the key taken), {} deletes, {} dispatches, {} received, ticks checked: {} passed + {} quiet + {} eventual, {} catch-ups, max missed {}, {} in flight past a delete, fingerprint {:016x})",
-                                    t.elapsed(),
-                                    r.faults.len(),
-                                    r.max_in_flight,
-                                    r.slow_app,
-                                    r.sched_restarts,
-                                    r.creates,
-                                    r.already_exists,
-                                    r.deletes,
-                                    r.dispatches,
-                                    r.receipts,
-                                    r.passed_ticks,
-                                    r.quiet_ticks,
-                                    r.eventual_ticks,
-                                    r.catch_ups,
-                                    r.max_missed,
-                                    r.in_flight_after_delete,
-                                    r.fingerprint,
-                                );
-                                if verbose {
-                                    for f in &r.faults {
-                                        eprintln!("    fault {f}");
-                                    }
-                                    for (k, v) in &r.errors {
-                                        eprintln!("    {v:5} {k}");
-                                    }
-                                }
-                                for (i, v) in [
-                                    r.creates,
-                                    r.deletes,
-                                    r.dispatches as u64,
-                                    r.receipts as u64,
-                                    r.quiet_ticks as u64,
-                                    r.eventual_ticks as u64,
-                                    r.catch_ups as u64,
-                                    r.sched_restarts as u64,
-                                    r.passed_ticks as u64,
-                                ]
-                                .into_iter()
-                                .enumerate()
-                                {
-                                    totals[i] += v;
-                                }
-                            }
-                            Err(e) => {
-                                eprintln!("FAILED {e}\n{rerun}");
-                                failures.push(e.lines().next().unwrap_or_default().to_string());
-                            }
-                        }
+    let replay = std::env::var_os("SIM_CHECK_REPLAY").is_some();
+    let (failures, totals) = sims::seeds::run::<9>(&seeds, |seed| {
+        let t = Instant::now();
+        let rerun = format!(
+                "  rerun just this seed with: SIM_SEED={seed} cargo test -p sims --test scheduler -- --nocapture"
+            );
+        match sims::sched_sim::run(seed) {
+            Ok(r)
+                if replay
+                    && sims::sched_sim::run(seed).map(|again| again.fingerprint)
+                        != Ok(r.fingerprint) =>
+            {
+                eprintln!("FAILED seed {seed}: a second run observed something else\n{rerun}");
+                Err(format!("seed {seed}: does not replay exactly"))
+            }
+            Ok(r) => {
+                eprintln!(
+                        "seed {seed}: ok in {:.1?} ({} faults, in-flight bound {}, slow app: {}, {} scheduler restarts, {} creates ({} found the key taken), {} deletes, {} dispatches, {} received, ticks checked: {} passed + {} quiet + {} eventual, {} catch-ups, max missed {}, {} in flight past a delete, fingerprint {:016x})",
+                        t.elapsed(),
+                        r.faults.len(),
+                        r.max_in_flight,
+                        r.slow_app,
+                        r.sched_restarts,
+                        r.creates,
+                        r.already_exists,
+                        r.deletes,
+                        r.dispatches,
+                        r.receipts,
+                        r.passed_ticks,
+                        r.quiet_ticks,
+                        r.eventual_ticks,
+                        r.catch_ups,
+                        r.max_missed,
+                        r.in_flight_after_delete,
+                        r.fingerprint,
+                    );
+                if verbose {
+                    for f in &r.faults {
+                        eprintln!("    fault {f}");
                     }
-                    (failures, totals)
-                })
-            })
-            .collect();
-        let mut failures = Vec::new();
-        let mut totals = Vec::new();
-        for h in handles {
-            let (f, t) = h.join().expect("sim thread");
-            failures.extend(f);
-            totals.push(t);
+                    for (k, v) in &r.errors {
+                        eprintln!("    {v:5} {k}");
+                    }
+                }
+                Ok([
+                    r.creates,
+                    r.deletes,
+                    r.dispatches as u64,
+                    r.receipts as u64,
+                    r.quiet_ticks as u64,
+                    r.eventual_ticks as u64,
+                    r.catch_ups as u64,
+                    r.sched_restarts as u64,
+                    r.passed_ticks as u64,
+                ])
+            }
+            Err(e) => {
+                eprintln!("FAILED {e}\n{rerun}");
+                Err(e.lines().next().unwrap_or_default().to_string())
+            }
         }
-        (failures, totals)
     });
     // Two runs of one seed observe exactly the same, which is what makes a printed failing seed
     // worth rerunning; checked on two seeds once the threads above are done.
     let mut failures = failures;
-    if std::env::var_os("SIM_SEED").is_none() {
+    if !sims::seeds::single() {
         for seed in [1000, 1001] {
             let a = sims::sched_sim::run(seed).map(|r| r.fingerprint);
             let b = sims::sched_sim::run(seed).map(|r| r.fingerprint);
@@ -142,7 +89,7 @@ fn no_lost_early_or_deleted_ticks_over_seeds() {
             }
         }
     }
-    let sum = |i: usize| totals.iter().map(|t| t[i]).sum::<u64>();
+    let sum = |i: usize| totals[i];
     eprintln!(
         "{} seeds in {:?}: {} creates, {} deletes, {} dispatches, {} received; ticks checked: {} passed, {} quiet, {} eventual; {} scheduler restarts, {} catch-ups",
         seeds.len(),

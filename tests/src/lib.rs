@@ -553,3 +553,57 @@ impl Drop for SchedulerReplica {
         self.kill9();
     }
 }
+
+/// Reminder deliveries as the test app (`turn_app`) records them, for the scheduler tests.
+pub mod reminders {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    /// Milliseconds since the Unix epoch, now.
+    pub fn unix_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_millis() as i64
+    }
+
+    /// `ms` as an RFC 3339 time with milliseconds (a reminder's `dueTime`).
+    pub fn rfc3339(ms: i64) -> String {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .expect("a time in range")
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    }
+
+    /// One delivery: when it arrived, its tick number and how many ticks before it it covers.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Delivery {
+        pub at: i64,
+        pub missed: i64,
+        pub seq: i64,
+    }
+
+    /// Deliveries per reminder name, in file order, from the app's `EVENTS` file.
+    pub fn read_events(path: &Path) -> HashMap<String, Vec<Delivery>> {
+        let mut out: HashMap<String, Vec<Delivery>> = HashMap::new();
+        for l in std::fs::read_to_string(path).unwrap_or_default().lines() {
+            let f: Vec<&str> = l.split(' ').collect();
+            if let ["remind", _id, name, ms, missed, seq] = f.as_slice() {
+                if let (Ok(at), Ok(missed), Ok(seq)) = (ms.parse(), missed.parse(), seq.parse()) {
+                    out.entry(name.to_string())
+                        .or_default()
+                        .push(Delivery { at, missed, seq });
+                }
+            }
+        }
+        out
+    }
+
+    /// The `p` quantile (0 to 1) of `v`, 0 when empty.
+    pub fn percentile(v: &mut [i64], p: f64) -> i64 {
+        if v.is_empty() {
+            return 0;
+        }
+        v.sort_unstable();
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
+}

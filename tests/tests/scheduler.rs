@@ -26,11 +26,12 @@
 //!
 //! The figures (deliveries, lateness percentiles, duplicates, catch-ups) are printed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use e2e::reminders::{percentile, read_events, rfc3339, unix_ms, Delivery};
 use e2e::{ActorHost, SchedulerReplica};
 
 fn turn_app() -> &'static Path {
@@ -42,42 +43,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Delivery {
-    at: i64,
-    missed: u64,
-    seq: u64,
-}
-
-/// Deliveries per reminder name, in file order.
-fn read_events(path: &Path) -> HashMap<String, Vec<Delivery>> {
-    let mut out: HashMap<String, Vec<Delivery>> = HashMap::new();
-    for l in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        let f: Vec<&str> = l.split(' ').collect();
-        if let ["remind", _id, name, ms, missed, seq] = f.as_slice() {
-            if let (Ok(at), Ok(missed), Ok(seq)) = (ms.parse(), missed.parse(), seq.parse()) {
-                out.entry(name.to_string())
-                    .or_default()
-                    .push(Delivery { at, missed, seq });
-            }
-        }
-    }
-    out
 }
 
 async fn connected_hosts(s: &SchedulerReplica, c: &reqwest::Client) -> u64 {
@@ -108,26 +73,18 @@ struct Reminder {
 }
 
 impl Reminder {
-    fn due(&self, k: u64) -> i64 {
-        self.due0 + (k as i64 - 1) * self.period
+    fn due(&self, k: i64) -> i64 {
+        self.due0 + (k - 1) * self.period
     }
 
     /// How many ticks are due at `t`.
-    fn due_by(&self, t: i64) -> u64 {
+    fn due_by(&self, t: i64) -> i64 {
         if t < self.due0 {
             0
         } else {
-            ((t - self.due0) / self.period + 1) as u64
+            (t - self.due0) / self.period + 1
         }
     }
-}
-
-fn percentile(v: &mut [i64], p: f64) -> i64 {
-    if v.is_empty() {
-        return 0;
-    }
-    v.sort_unstable();
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,7 +253,7 @@ async fn reminders_survive_host_and_scheduler_kill9() {
     for r in reminders.values() {
         let ds = events.get(&r.name).map(Vec::as_slice).unwrap_or(&[]);
         total += ds.len();
-        let mut covered: std::collections::BTreeSet<u64> = Default::default();
+        let mut covered: std::collections::BTreeSet<i64> = Default::default();
         for d in ds {
             let last = d.seq + d.missed;
             if d.seq == 0 {

@@ -23,46 +23,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use e2e::reminders::{percentile, read_events, rfc3339, unix_ms, Delivery};
 use e2e::{ActorHost, SchedulerReplica};
 
 fn turn_app() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_turn_app"))
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Delivery {
-    at: i64,
-    missed: i64,
-    seq: i64,
-}
-
-/// Deliveries per reminder name, in file order.
-fn read_events(path: &Path) -> HashMap<String, Vec<Delivery>> {
-    let mut out: HashMap<String, Vec<Delivery>> = HashMap::new();
-    for l in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        let f: Vec<&str> = l.split(' ').collect();
-        if let ["remind", _id, name, ms, missed, seq] = f.as_slice() {
-            if let (Ok(at), Ok(missed), Ok(seq)) = (ms.parse(), missed.parse(), seq.parse()) {
-                out.entry(name.to_string())
-                    .or_default()
-                    .push(Delivery { at, missed, seq });
-            }
-        }
-    }
-    out
 }
 
 async fn metric(s: &SchedulerReplica, c: &reqwest::Client, name: &str) -> u64 {
@@ -124,14 +89,6 @@ impl Reminder {
     fn due(&self, k: i64) -> i64 {
         self.due0 + (k - 1) * self.period
     }
-}
-
-fn percentile(v: &mut [i64], p: f64) -> i64 {
-    if v.is_empty() {
-        return 0;
-    }
-    v.sort_unstable();
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 /// For each reminder, how long after `kill` it was first delivered again (`None`: never, up to
