@@ -207,6 +207,8 @@ pub struct EngineStatus {
 /// A delivery in flight.
 #[derive(Debug, Clone)]
 struct InFlight {
+    /// The job as claimed; its state is replaced by the outcome.
+    rec: StoredJob,
     generation: u64,
     attempt: u32,
     count_before: u32,
@@ -515,6 +517,7 @@ impl<C: Clock, S: Sink> Engine<C, S> {
             key.clone(),
             InFlight {
                 generation: rec.generation,
+                rec,
                 attempt: st.attempt,
                 count_before: st.count,
                 missed,
@@ -553,12 +556,11 @@ impl<C: Clock, S: Sink> Engine<C, S> {
         f: &InFlight,
         result: Result<Delivered, DeliveryError>,
     ) -> Result<(), StoreError> {
-        let Some(rec) = self.store.get(key)? else {
-            return Ok(());
-        };
-        if rec.generation != f.generation {
+        // Deleted or replaced meanwhile: the outcome belongs to nobody.
+        if self.store.generation(key)? != Some(f.generation) {
             return Ok(());
         }
+        let rec = &f.rec;
         let now = self.clock.now();
         let mut epoch = rec.state.epoch;
         let result = match result {
@@ -585,7 +587,7 @@ impl<C: Clock, S: Sink> Engine<C, S> {
                 due_at: retry_at,
                 ..rec.state
             };
-            self.store.update_state(key, f.generation, state)?;
+            self.store.set_state(key, &f.rec, state)?;
             return Ok(());
         }
         if let Err(e) = &result {
@@ -604,7 +606,7 @@ impl<C: Clock, S: Sink> Engine<C, S> {
                         attempt: f.attempt + 1,
                         ..rec.state
                     };
-                    self.store.update_state(key, f.generation, state)?;
+                    self.store.set_state(key, &f.rec, state)?;
                     return Ok(());
                 }
             }
@@ -625,7 +627,7 @@ impl<C: Clock, S: Sink> Engine<C, S> {
                     last: Some(f.last_covered),
                     epoch,
                 };
-                self.store.update_state(key, f.generation, state)?;
+                self.store.set_state(key, &f.rec, state)?;
             }
         }
         Ok(())

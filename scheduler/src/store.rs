@@ -779,25 +779,54 @@ impl JobStore {
     }
 
     /// Sets the state of the job `key` if it is still generation `generation`; false if it was
-    /// deleted or replaced meanwhile.
+    /// deleted or replaced meanwhile (the tests' form of [`JobStore::set_state`]).
+    #[cfg(test)]
     pub(crate) fn update_state(
         &self,
         key: &JobKey,
         generation: u64,
         state: JobState,
     ) -> Result<bool, StoreError> {
+        match self.get(key)? {
+            Some(rec) if rec.generation == generation => self.set_state(key, &rec, state),
+            _ => Ok(false),
+        }
+    }
+
+    /// Sets the state of `base`'s job (as the trigger loop read it when it claimed the tick) if
+    /// the stored record is still `base`'s generation; false if it was deleted or replaced
+    /// meanwhile. The generation is checked on the record's header, without decoding it.
+    pub(crate) fn set_state(
+        &self,
+        key: &JobKey,
+        base: &StoredJob,
+        state: JobState,
+    ) -> Result<bool, StoreError> {
         let _w = self.lock();
-        let Some(raw) = self.jobs.get(key.as_bytes())? else {
+        let Some((generation, old_ms)) = self.jobs.get(key.as_bytes())?.as_deref().and_then(header)
+        else {
             return Ok(false);
         };
-        let Some(mut rec) = decode(&raw).filter(|r| r.generation == generation) else {
+        if generation != base.generation {
             return Ok(false);
+        }
+        let rec = StoredJob {
+            state,
+            ..base.clone()
         };
-        let old_ms = header(&raw).map(|(_, ms)| ms);
-        rec.state = state;
-        self.write_record(key, &rec, old_ms)?;
+        self.write_record(key, &rec, Some(old_ms))?;
         self.record_progress(key.as_bytes(), generation, Some(state));
         Ok(true)
+    }
+
+    /// The generation of the stored job `key`, read from the record's header.
+    pub(crate) fn generation(&self, key: &JobKey) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .jobs
+            .get(key.as_bytes())?
+            .as_deref()
+            .and_then(header)
+            .map(|(g, _)| g))
     }
 
     /// Removes the job `key` (it has no tick left) if it is still generation `generation`.

@@ -58,7 +58,7 @@ impl HttpChannel {
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
+            .pool_max_idle_per_host(1024)
             .build(connector);
         HttpChannel {
             base: format!("http://{address}:{port}"),
