@@ -45,6 +45,24 @@ pub fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     io_err(ErrorSubject::Store, ErrorVerb::Write, e)
 }
 
+/// The metadata of a snapshot of a state machine that has applied up to `last_applied`, with an
+/// id unique to this build of it.
+pub fn snapshot_meta(
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: openraft::StoredMembership<NodeId, openraft::BasicNode>,
+) -> openraft::SnapshotMeta<NodeId, openraft::BasicNode> {
+    let nonce = crate::runtime::random_u64() as u32;
+    let snapshot_id = match last_applied {
+        Some(l) => format!("{}-{}-{nonce}", l.leader_id, l.index),
+        None => format!("empty-{nonce}"),
+    };
+    openraft::SnapshotMeta {
+        last_log_id: last_applied,
+        last_membership,
+        snapshot_id,
+    }
+}
+
 /// Flushes `db` when `durable`.
 pub async fn flush(db: &sled::Db, durable: bool) -> Result<(), StorageError<NodeId>> {
     if durable {

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use crate::raft_log::NodeId;
-use crate::raft_log::{flush, io_err, read_err, write_err};
+use crate::raft_log::{flush, io_err, read_err, snapshot_meta, write_err};
 use crate::ring::{HostEntry, Table};
 use crate::TypeConfig;
 
@@ -184,20 +184,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 sm.last_membership.clone(),
             )
         };
-        let snapshot_id = match last_applied {
-            Some(l) => format!(
-                "{}-{}-{}",
-                l.leader_id,
-                l.index,
-                crate::runtime::random_u64() as u32
-            ),
-            None => format!("empty-{}", crate::runtime::random_u64() as u32),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership,
-            snapshot_id,
-        };
+        let meta = snapshot_meta(last_applied, last_membership);
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: data.clone(),

@@ -27,7 +27,7 @@ use openraft::{
     BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend,
     RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership,
 };
-use placement::raft_log::{flush, io_err, read_err, write_err, NodeId};
+use placement::raft_log::{flush, io_err, read_err, snapshot_meta, write_err, NodeId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -375,20 +375,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             records,
         })
         .map_err(write_err)?;
-        let snapshot_id = match last_applied {
-            Some(l) => format!(
-                "{}-{}-{}",
-                l.leader_id,
-                l.index,
-                placement::runtime::random_u64() as u32
-            ),
-            None => format!("empty-{}", placement::runtime::random_u64() as u32),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership,
-            snapshot_id,
-        };
+        let meta = snapshot_meta(last_applied, last_membership);
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: data.clone(),

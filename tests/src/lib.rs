@@ -222,20 +222,41 @@ pub fn unique() -> String {
     )
 }
 
-/// A `tessera placement` replica process.
+/// A `tessera placement` or `tessera scheduler` replica process.
 pub struct Replica {
+    /// `placement` or `scheduler`: the `tessera` subcommand.
+    pub service: &'static str,
     pub id: u64,
     pub port: u16,
     pub http_port: u16,
     pub data_dir: PathBuf,
     pub cluster: String,
-    pub lease: String,
+    /// Flags after the common ones.
+    pub extra: Vec<String>,
     pub child: Option<Child>,
 }
 
+/// Scheduler replicas are [`Replica`]s of the `scheduler` service.
+pub type SchedulerReplica = Replica;
+
 impl Replica {
-    /// Ports and directories for a cluster of `n` replicas (not started).
+    /// Ports and directories for a placement cluster of `n` replicas with host lease `lease`
+    /// (not started).
     pub fn cluster(n: u64, dir: &Path, lease: &str) -> Vec<Replica> {
+        Self::replicas(
+            "placement",
+            n,
+            dir,
+            &["--lease", lease, "--metadata-enabled"],
+        )
+    }
+
+    /// Ports and directories for a scheduler cluster of `n` replicas (not started).
+    pub fn scheduler_cluster(n: u64, dir: &Path) -> Vec<Replica> {
+        Self::replicas("scheduler", n, dir, &[])
+    }
+
+    fn replicas(service: &'static str, n: u64, dir: &Path, extra: &[&str]) -> Vec<Replica> {
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let cluster = ports
             .iter()
@@ -247,12 +268,13 @@ impl Replica {
             .into_iter()
             .enumerate()
             .map(|(i, (port, http_port))| Replica {
+                service,
                 id: i as u64 + 1,
                 port,
                 http_port,
-                data_dir: dir.join(format!("replica-{}", i + 1)),
+                data_dir: dir.join(format!("{service}-{}", i + 1)),
                 cluster: cluster.clone(),
-                lease: lease.to_string(),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
                 child: None,
             })
             .collect()
@@ -262,6 +284,7 @@ impl Replica {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Starts the process (its log goes to `<data dir>.log`).
     pub fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -270,7 +293,7 @@ impl Replica {
             .unwrap();
         let child = Command::new(tessera_bin())
             .args([
-                "placement",
+                self.service,
                 "--id",
                 &self.id.to_string(),
                 "--initial-cluster",
@@ -282,7 +305,8 @@ impl Replica {
                 "--healthz-port",
                 &self.http_port.to_string(),
             ])
-            .args(["--lease", &self.lease, "--metadata-enabled", "--data-dir"])
+            .args(&self.extra)
+            .arg("--data-dir")
             .arg(&self.data_dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -312,6 +336,48 @@ impl Replica {
             .await
             .ok()?;
         r.json().await.ok()
+    }
+
+    /// Waits until `GET /healthz` answers 200.
+    pub async fn wait_healthy(&self, client: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = client
+                .get(format!("http://127.0.0.1:{}/healthz", self.http_port))
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} replica {} not healthy in 20 s:\n{}",
+                self.service,
+                self.id,
+                std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The value of a counter or gauge on `GET /metrics` (`None` if the replica does not answer).
+    pub async fn metric(&self, client: &reqwest::Client, name: &str) -> Option<u64> {
+        self.child.as_ref()?;
+        let text = client
+            .get(format!("http://127.0.0.1:{}/metrics", self.http_port))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
     }
 }
 
@@ -427,130 +493,6 @@ impl Drop for ActorHost {
     fn drop(&mut self) {
         let _ = self.app.kill();
         let _ = self.app.wait();
-    }
-}
-
-/// A `tessera scheduler` replica process.
-pub struct SchedulerReplica {
-    pub id: u64,
-    pub port: u16,
-    pub http_port: u16,
-    pub data_dir: PathBuf,
-    pub cluster: String,
-    pub child: Option<Child>,
-}
-
-impl SchedulerReplica {
-    /// Ports and directories for a cluster of `n` replicas (not started).
-    pub fn cluster(n: u64, dir: &Path) -> Vec<SchedulerReplica> {
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let cluster = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (p, _))| format!("{}=127.0.0.1:{p}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
-        ports
-            .into_iter()
-            .enumerate()
-            .map(|(i, (port, http_port))| SchedulerReplica {
-                id: i as u64 + 1,
-                port,
-                http_port,
-                data_dir: dir.join(format!("scheduler-{}", i + 1)),
-                cluster: cluster.clone(),
-                child: None,
-            })
-            .collect()
-    }
-
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the process (its log goes to `<data dir>.log`).
-    pub fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.data_dir.with_extension("log"))
-            .unwrap();
-        let child = Command::new(tessera_bin())
-            .args([
-                "scheduler",
-                "--id",
-                &self.id.to_string(),
-                "--initial-cluster",
-                &self.cluster,
-            ])
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--healthz-port",
-                &self.http_port.to_string(),
-                "--data-dir",
-            ])
-            .arg(&self.data_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    /// Waits until `GET /healthz` answers 200.
-    pub async fn wait_healthy(&self, client: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = client
-                .get(format!("http://127.0.0.1:{}/healthz", self.http_port))
-                .timeout(Duration::from_millis(500))
-                .send()
-                .await
-            {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "scheduler {} not healthy in 20 s:\n{}",
-                self.id,
-                std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// The value of a counter or gauge on `GET /metrics` (`None` if the replica does not answer).
-    pub async fn metric(&self, client: &reqwest::Client, name: &str) -> Option<u64> {
-        self.child.as_ref()?;
-        let text = client
-            .get(format!("http://127.0.0.1:{}/metrics", self.http_port))
-            .timeout(Duration::from_millis(500))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-    }
-}
-
-impl Drop for SchedulerReplica {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 

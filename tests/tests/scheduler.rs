@@ -96,7 +96,9 @@ async fn reminders_survive_host_and_scheduler_kill9() {
     let dir = tempfile::tempdir().unwrap();
     let c = reqwest::Client::new();
 
-    let mut sched = SchedulerReplica::cluster(1, dir.path()).pop().unwrap();
+    let mut sched = SchedulerReplica::scheduler_cluster(1, dir.path())
+        .pop()
+        .unwrap();
     sched.start();
     sched.wait_healthy(&c).await;
     let extra = vec!["--scheduler-host-address".to_string(), sched.addr()];

@@ -128,7 +128,7 @@ async fn reminders_keep_firing_when_a_replica_is_killed() {
     }
     let c = reqwest::Client::new();
 
-    let mut reps = SchedulerReplica::cluster(3, dir.path());
+    let mut reps = SchedulerReplica::scheduler_cluster(3, dir.path());
     for r in reps.iter_mut() {
         r.start();
     }
