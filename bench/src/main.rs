@@ -455,6 +455,11 @@ async fn state(
     Ok(())
 }
 
+// The same allocator as `tessera`, so the proxy, the app and the load generator are compared on
+// equal terms.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_some() {

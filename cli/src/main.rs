@@ -499,6 +499,11 @@ async fn signal() {
         .await
 }
 
+// mimalloc: the sidecar allocates per request (headers, bodies, futures); glibc's malloc took
+// ~8% of a host's CPU under load (docs/BENCHMARKS.md, actors).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     if let Err(e) = install_signal_handlers() {
