@@ -365,6 +365,15 @@ impl Host {
         router.with_state(self.shared.clone())
     }
 
+    /// The HTTP API as [`run`] serves it: the router, with the actor invoke route (the one hot
+    /// path) answered before routing when no API token is set.
+    pub fn service(&self) -> ApiService {
+        ApiService {
+            router: self.router(),
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Cancelled by `POST /v1.0/shutdown`; cancel it to stop [`run`].
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shared.shutdown.clone()
@@ -512,11 +521,65 @@ pub async fn run(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, host.router())
+    use axum::ServiceExt;
+    axum::serve(listener, host.service().into_make_service())
         .with_graceful_shutdown(async move {
             token.cancelled().await;
             // Hand the actors off while the API still answers (their apps may call back).
             stopping.stop().await;
         })
         .await
+}
+
+/// [`Host::service`]: the router, with `/v1.0/actors/{type}/{id}/method/{method}` answered
+/// without routing and extraction (it is where the calls are). The answer is the routed
+/// handler's: the same function serves both ([`actors::api::invoke_call`]).
+#[derive(Clone)]
+pub struct ApiService {
+    router: Router,
+    shared: Arc<Shared>,
+}
+
+type ApiFuture = futures::future::Either<
+    <Router as tower::Service<axum::extract::Request>>::Future,
+    futures::future::BoxFuture<'static, Result<axum::response::Response, std::convert::Infallible>>,
+>;
+
+impl tower::Service<axum::extract::Request> for ApiService {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = ApiFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        use axum::response::IntoResponse;
+        if self.shared.config.api_token.is_none() {
+            if let Some((t, id, m)) = actors::api::fast_invoke_route(req.method(), req.uri().path())
+            {
+                let (t, id, m) = (t.to_string(), id.to_string(), m.to_string());
+                let shared = self.shared.clone();
+                let (parts, body) = req.into_parts();
+                return futures::future::Either::Right(Box::pin(async move {
+                    let r = actors::api::invoke_call(
+                        &shared,
+                        t,
+                        id,
+                        &m,
+                        parts.method,
+                        parts.headers,
+                        body,
+                    )
+                    .await;
+                    Ok(r.into_response())
+                }));
+            }
+        }
+        futures::future::Either::Left(tower::Service::call(&mut self.router, req))
+    }
 }

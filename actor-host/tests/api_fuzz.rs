@@ -129,7 +129,7 @@ fn fixture() -> Arc<Fixture> {
 
 fn send(f: &Fixture, req: Request<Body>) -> (u16, Vec<u8>) {
     f.rt.block_on(async {
-        let resp = f.host.router().oneshot(req).await.unwrap();
+        let resp = f.host.service().oneshot(req).await.unwrap();
         let status = resp.status().as_u16();
         let body = resp
             .into_body()

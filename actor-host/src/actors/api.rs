@@ -50,6 +50,41 @@ pub async fn invoke(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    invoke_call(&shared, actor_type, actor_id, &method, verb, headers, body).await
+}
+
+/// The invoke route without the router: `/v1.0/actors/{type}/{id}/method/{method}` with four
+/// plain segments (no percent-encoding, none empty) and one of the four verbs, so that the
+/// answer is exactly the routed handler's. Anything else is left to the router.
+pub fn fast_invoke_route<'a>(verb: &Method, path: &'a str) -> Option<(&'a str, &'a str, &'a str)> {
+    if !matches!(
+        *verb,
+        Method::GET | Method::POST | Method::PUT | Method::DELETE
+    ) {
+        return None;
+    }
+    let rest = path.strip_prefix("/v1.0/actors/")?;
+    if rest.contains('%') {
+        return None;
+    }
+    let mut it = rest.split('/');
+    let (t, id, kw, m) = (it.next()?, it.next()?, it.next()?, it.next()?);
+    if kw != "method" || it.next().is_some() || t.is_empty() || id.is_empty() || m.is_empty() {
+        return None;
+    }
+    Some((t, id, m))
+}
+
+/// What [`invoke`] does once the path is taken apart.
+pub async fn invoke_call(
+    shared: &Arc<Shared>,
+    actor_type: String,
+    actor_id: String,
+    method: &str,
+    verb: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     if !matches!(
         verb,
         Method::GET | Method::POST | Method::PUT | Method::DELETE
@@ -68,7 +103,9 @@ pub async fn invoke(
         ));
     }
     let bytes = body::read(&headers, body, shared.config.max_body_bytes).await?;
-    let path = format!("method/{}", super::encode(&method));
+    let mut path = String::with_capacity(7 + method.len());
+    path.push_str("method/");
+    super::encode_into(&mut path, method);
     let r = shared.actors.call(&key, &path, headers, bytes).await?;
     Ok(app_answer(&key, r))
 }
@@ -264,5 +301,42 @@ pub async fn timer(
             "ERR_BAD_REQUEST",
             format!("timers take POST, PUT or DELETE, not {other}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_route_takes_only_plain_invoke_paths() {
+        let post = Method::POST;
+        assert_eq!(
+            fast_invoke_route(&post, "/v1.0/actors/Counter/7/method/Add"),
+            Some(("Counter", "7", "Add"))
+        );
+        assert_eq!(
+            fast_invoke_route(&Method::DELETE, "/v1.0/actors/T/i/method/m"),
+            Some(("T", "i", "m"))
+        );
+        // Left to the router (which answers them exactly as before).
+        for path in [
+            "/v1.0/actors/Counter/7/method/Add/",
+            "/v1.0/actors/Counter/7/method/",
+            "/v1.0/actors//7/method/Add",
+            "/v1.0/actors/Counter//method/Add",
+            "/v1.0/actors/Counter/7/state/k",
+            "/v1.0/actors/Counter/7/method",
+            "/v1.0/actors/Co%20unter/7/method/Add",
+            "/v1.0/actors/Counter/7/method/A/b",
+            "/v1.0/state/store/k",
+            "/v1.0/actors/Counter/7/methods/Add",
+        ] {
+            assert_eq!(fast_invoke_route(&post, path), None, "{path}");
+        }
+        assert_eq!(
+            fast_invoke_route(&Method::PATCH, "/v1.0/actors/T/i/method/m"),
+            None
+        );
     }
 }

@@ -328,6 +328,12 @@ impl ActorRuntime {
             .is_some_and(|h| h.name == self.cfg.host_address)
     }
 
+    /// [`ActorRuntime::owns`], without hashing the key again when the caller already found
+    /// this host to be the owner under the same table version (`owned_at`).
+    fn owns_at(&self, rings: &Rings, key: &ActorKey, owned_at: Option<u64>) -> bool {
+        owned_at == Some(rings.version()) || self.owns(rings, key)
+    }
+
     /// Drops every activation when the lease lapses: their actors may be given to other hosts.
     async fn watch_lease(self: Arc<Self>) {
         let mut had = false;
@@ -573,8 +579,16 @@ impl ActorRuntime {
             };
             let outcome = if owner.name == self.cfg.host_address {
                 self.metrics.local_calls.fetch_add(1, Ordering::Relaxed);
-                self.call_local(key, path, &headers, body.clone(), rings.version(), deadline)
-                    .await
+                self.call_local(
+                    key,
+                    path,
+                    &headers,
+                    body.clone(),
+                    rings.version(),
+                    Some(rings.version()),
+                    deadline,
+                )
+                .await
             } else {
                 self.metrics.remote_calls.fetch_add(1, Ordering::Relaxed);
                 self.remote
@@ -604,7 +618,9 @@ impl ActorRuntime {
     }
 
     /// Runs the call here if this host owns the actor under `version` (which is at least the
-    /// caller's), else asks the caller to route again.
+    /// caller's), else asks the caller to route again. `owned_at`: the table version under
+    /// which the caller already found this host to be the owner, if it did.
+    #[allow(clippy::too_many_arguments)]
     async fn call_local(
         self: &Arc<Self>,
         key: &ActorKey,
@@ -612,6 +628,7 @@ impl ActorRuntime {
         headers: &HeaderMap,
         body: Bytes,
         caller_version: u64,
+        owned_at: Option<u64>,
         deadline: Instant,
     ) -> Local {
         if self.table_version() < caller_version {
@@ -639,7 +656,7 @@ impl ActorRuntime {
             String::new()
         };
         let turn = match self
-            .turn(key, &chain, type_settings.reentrancy, deadline)
+            .turn(key, &chain, type_settings.reentrancy, owned_at, deadline)
             .await
         {
             Ok(t) => t,
@@ -653,14 +670,17 @@ impl ActorRuntime {
         } else {
             headers.remove(REENTRANCY_HEADER);
         }
+        let mut app_path =
+            String::with_capacity(10 + key.actor_type.len() + key.actor_id.len() + path.len());
+        app_path.push_str("/actors/");
+        encode_into(&mut app_path, &key.actor_type);
+        app_path.push('/');
+        encode_into(&mut app_path, &key.actor_id);
+        app_path.push('/');
+        app_path.push_str(path);
         let req = AppRequest {
             method: Method::PUT,
-            path: format!(
-                "/actors/{}/{}/{}",
-                encode(&key.actor_type),
-                encode(&key.actor_id),
-                path
-            ),
+            path: app_path,
             headers,
             body,
         };
@@ -714,6 +734,7 @@ impl ActorRuntime {
         key: &ActorKey,
         chain: &str,
         reentrancy: Option<u32>,
+        owned_at: Option<u64>,
         deadline: Instant,
     ) -> Result<Turn, Local> {
         loop {
@@ -721,7 +742,7 @@ impl ActorRuntime {
                 // No lease: this host may not start turns (its actors may be elsewhere by now).
                 return Err(Local::Retry(self.table_version() + 1));
             }
-            let act = self.activation(key, deadline).await?;
+            let act = self.activation(key, owned_at, deadline).await?;
             let entered = tokio::time::timeout_at(deadline, act.enter(chain, reentrancy)).await;
             match entered {
                 Err(_) => {
@@ -740,7 +761,9 @@ impl ActorRuntime {
                 // Closed while we waited (moved, idle, lease): look again.
                 Ok(Err(TurnError::Closed)) => continue,
                 Ok(Ok(turn)) => {
-                    if !self.placement_connected() || !self.owns(&self.view.borrow().rings, key) {
+                    if !self.placement_connected()
+                        || !self.owns_at(&self.view.borrow().rings, key, owned_at)
+                    {
                         drop(turn);
                         return Err(Local::Retry(self.table_version() + 1));
                     }
@@ -755,11 +778,12 @@ impl ActorRuntime {
     async fn activation(
         self: &Arc<Self>,
         key: &ActorKey,
+        owned_at: Option<u64>,
         deadline: Instant,
     ) -> Result<Arc<Activation>, Local> {
         loop {
             let rings = self.view.borrow().rings.clone();
-            if !self.owns(&rings, key) {
+            if !self.owns_at(&rings, key, owned_at) {
                 return Err(Local::Retry(rings.version() + 1));
             }
             let existing = self.actors.lock().expect("lock").get(key).cloned();
@@ -1065,12 +1089,35 @@ fn turn_chain(headers: &HeaderMap) -> String {
 /// Percent-encodes a path segment for the app channel.
 pub fn encode(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
+    encode_into(&mut out, segment);
+    out
+}
+
+/// [`encode`], appending to `out`.
+pub fn encode_into(out: &mut String, segment: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in segment.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 15) as usize] as char);
         }
     }
-    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_keeps_unreserved_bytes_and_escapes_the_rest() {
+        assert_eq!(encode("Abc-1_2.3~"), "Abc-1_2.3~");
+        assert_eq!(encode("a b/c%"), "a%20b%2Fc%25");
+        assert_eq!(encode("é"), "%C3%A9");
+        let mut s = String::from("x/");
+        encode_into(&mut s, "?");
+        assert_eq!(s, "x/%3F");
+    }
 }

@@ -201,6 +201,7 @@ impl ActorHost for Service {
                 &from_wire(call.headers),
                 Bytes::from(call.body),
                 call.table_version,
+                None,
                 deadline,
             )
             .await;

@@ -79,7 +79,7 @@ impl ActorRuntime {
         }
         let plan = plan(&spec)?;
         let deadline = Instant::now() + self.cfg.call_timeout;
-        let act = match self.activation(key, deadline).await {
+        let act = match self.activation(key, None, deadline).await {
             Ok(a) => a,
             Err(Local::Done(Err(e))) => return Err(e),
             Err(_) => {
