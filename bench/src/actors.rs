@@ -777,8 +777,17 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         "|---|---|---|---|---|---|---|---|---|---|---|".to_string(),
     ];
     let mut verdict = Verdict { rows: vec![] };
+    let mut two_hops = vec![];
     for (ci, &c) in o.concurrency.iter().enumerate() {
         let floor = &samples[ci][0];
+        // A remote call crosses two sidecars: the two-proxy chain is its floor (reported beside
+        // the targets, which compare every path with one proxy hop).
+        let (chain, remote) = (&samples[ci][1], &samples[ci][4]);
+        two_hops.push(format!(
+            "| remote owner vs proxy chain (both two hops), c={c} | {:.2}x calls/s, p50 {:.2}x |",
+            remote.rate() / chain.rate(),
+            remote.pct_us(0.5) / chain.pct_us(0.5)
+        ));
         for (ti, t) in targets.iter().enumerate() {
             let s = &samples[ci][ti];
             let (rr, pr) = (s.rate() / floor.rate(), s.pct_us(0.5) / floor.pct_us(0.5));
@@ -900,6 +909,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     println!(
         "\n| target | measured | |\n|---|---|---|\n{}",
         verdict.rows.join("\n")
+    );
+    println!(
+        "\n| for reference | measured |\n|---|---|\n{}",
+        two_hops.join("\n")
     );
     println!(
         "\nidle RSS at the end: standalone {:.1} MiB, host A {:.1} MiB, host B {:.1} MiB, proxy {:.1} MiB",

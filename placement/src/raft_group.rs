@@ -1,7 +1,7 @@
 //! What every Tessera Raft group (the placement replicas, the scheduler replicas) does the same
 //! way around openraft: parsing `--initial-cluster`, starting Raft and initializing the cluster
-//! on first start, the "leader with a fresh quorum" test, and the tie-break campaign that ends
-//! split votes.
+//! on first start, the "leader with a fresh quorum" test, the tie-break campaign that ends
+//! split votes, and serving a replica's health/metrics HTTP side next to its gRPC side.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -120,4 +120,29 @@ pub async fn break_split_votes<C>(
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
+}
+
+/// Starts the replica's stop token: cancelled when `shutdown` resolves. With `http`, also serves
+/// `health` (health, metrics, state) there until then. The caller serves gRPC until the token
+/// is cancelled.
+pub fn serve_http_until(
+    http: Option<tokio::net::TcpListener>,
+    health: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        s.cancel();
+    });
+    if let Some(http) = http {
+        let st = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(http, health)
+                .with_graceful_shutdown(async move { st.cancelled().await })
+                .await;
+        });
+    }
+    stop
 }

@@ -462,21 +462,7 @@ pub async fn serve(
     http: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        s.cancel();
-    });
-    if let Some(http) = http {
-        let app = health_router(node.clone());
-        let st = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(http, app)
-                .with_graceful_shutdown(async move { st.cancelled().await })
-                .await;
-        });
-    }
+    let stop = placement::raft_group::serve_http_until(http, health_router(node.clone()), shutdown);
     let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
     serve_incoming(node, incoming, async move { stop.cancelled().await }).await
 }
