@@ -63,6 +63,102 @@ pub fn snapshot_meta(
     }
 }
 
+/// A state machine's latest snapshot as it is persisted: its metadata and the serialized state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredSnapshot {
+    pub meta: openraft::SnapshotMeta<NodeId, openraft::BasicNode>,
+    pub data: Vec<u8>,
+}
+
+/// Where a state machine keeps its latest snapshot: one key of a sled tree (flushed when
+/// `durable`), and a copy in memory for `get_current_snapshot`.
+#[derive(Clone)]
+pub struct SnapshotSlot {
+    db: sled::Db,
+    tree: sled::Tree,
+    key: &'static str,
+    durable: bool,
+    current: std::sync::Arc<std::sync::Mutex<Option<StoredSnapshot>>>,
+}
+
+impl SnapshotSlot {
+    /// Opens the slot at `key` of `tree`, reading the snapshot stored there, if any.
+    pub fn open(
+        db: &sled::Db,
+        tree: sled::Tree,
+        key: &'static str,
+        durable: bool,
+    ) -> Result<Self, StorageError<NodeId>> {
+        let current = match tree.get(key).map_err(read_err)? {
+            Some(raw) => Some(serde_json::from_slice(&raw).map_err(read_err)?),
+            None => None,
+        };
+        Ok(SnapshotSlot {
+            db: db.clone(),
+            tree,
+            key,
+            durable,
+            current: std::sync::Arc::new(std::sync::Mutex::new(current)),
+        })
+    }
+
+    /// The snapshot read at open or kept since.
+    pub fn stored(&self) -> Option<StoredSnapshot> {
+        self.current.lock().expect("snapshot lock").clone()
+    }
+
+    /// Persists a snapshot (built here or installed from the leader) and makes it the current one.
+    pub async fn keep(
+        &self,
+        meta: openraft::SnapshotMeta<NodeId, openraft::BasicNode>,
+        data: Vec<u8>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let stored = StoredSnapshot { meta, data };
+        let raw = serde_json::to_vec(&stored).map_err(write_err)?;
+        self.tree.insert(self.key, raw).map_err(write_err)?;
+        flush(&self.db, self.durable).await?;
+        *self.current.lock().expect("snapshot lock") = Some(stored);
+        Ok(())
+    }
+
+    /// `build_snapshot`'s end: keeps the snapshot of `data` taken at `last_applied` and returns it.
+    pub async fn build<C>(
+        &self,
+        last_applied: Option<LogId<NodeId>>,
+        last_membership: openraft::StoredMembership<NodeId, openraft::BasicNode>,
+        data: Vec<u8>,
+    ) -> Result<openraft::Snapshot<C>, StorageError<NodeId>>
+    where
+        C: RaftTypeConfig<
+            NodeId = NodeId,
+            Node = openraft::BasicNode,
+            SnapshotData = std::io::Cursor<Vec<u8>>,
+        >,
+    {
+        let meta = snapshot_meta(last_applied, last_membership);
+        self.keep(meta.clone(), data.clone()).await?;
+        Ok(openraft::Snapshot {
+            meta,
+            snapshot: Box::new(std::io::Cursor::new(data)),
+        })
+    }
+
+    /// `get_current_snapshot`.
+    pub fn current<C>(&self) -> Option<openraft::Snapshot<C>>
+    where
+        C: RaftTypeConfig<
+            NodeId = NodeId,
+            Node = openraft::BasicNode,
+            SnapshotData = std::io::Cursor<Vec<u8>>,
+        >,
+    {
+        self.stored().map(|s| openraft::Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(std::io::Cursor::new(s.data)),
+        })
+    }
+}
+
 /// Flushes `db` when `durable`.
 pub async fn flush(db: &sled::Db, durable: bool) -> Result<(), StorageError<NodeId>> {
     if durable {

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use crate::raft_log::NodeId;
-use crate::raft_log::{flush, io_err, read_err, snapshot_meta, write_err};
+use crate::raft_log::{io_err, read_err, write_err, SnapshotSlot};
 use crate::ring::{HostEntry, Table};
 use crate::TypeConfig;
 
@@ -101,21 +101,20 @@ pub fn open_db(
     durable: bool,
 ) -> Result<(LogStore, StateMachine, watch::Receiver<Table>), StorageError<NodeId>> {
     let log = LogStore::open(&db, durable)?;
-    let snapshots = db.open_tree("snapshot").map_err(read_err)?;
-    let mut sm = SmState::default();
-    let mut current = None;
-    if let Some(raw) = snapshots.get("current").map_err(read_err)? {
-        let stored: StoredSnapshot = serde_json::from_slice(&raw).map_err(read_err)?;
-        sm = serde_json::from_slice(&stored.data).map_err(read_err)?;
-        current = Some(stored);
-    }
+    let snapshot = SnapshotSlot::open(
+        &db,
+        db.open_tree("snapshot").map_err(read_err)?,
+        "current",
+        durable,
+    )?;
+    let sm: SmState = match snapshot.stored() {
+        Some(stored) => serde_json::from_slice(&stored.data).map_err(read_err)?,
+        None => SmState::default(),
+    };
     let (tx, rx) = watch::channel(sm.membership.table());
     let machine = StateMachine {
         inner: Arc::new(Mutex::new(sm)),
-        current: Arc::new(Mutex::new(current)),
-        durable,
-        db,
-        snapshots,
+        snapshot,
         table: Arc::new(tx),
     };
     Ok((log, machine, rx))
@@ -131,20 +130,11 @@ struct SmState {
     membership: Membership,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    data: Vec<u8>,
-}
-
 /// The membership state machine.
 #[derive(Clone)]
 pub struct StateMachine {
     inner: Arc<Mutex<SmState>>,
-    current: Arc<Mutex<Option<StoredSnapshot>>>,
-    durable: bool,
-    db: sled::Db,
-    snapshots: sled::Tree,
+    snapshot: SnapshotSlot,
     table: Arc<watch::Sender<Table>>,
 }
 
@@ -164,14 +154,6 @@ impl StateMachine {
             .get(name)
             .cloned()
     }
-
-    async fn persist(&self, stored: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
-        let raw = serde_json::to_vec(stored).map_err(write_err)?;
-        self.snapshots.insert("current", raw).map_err(write_err)?;
-        flush(&self.db, self.durable).await?;
-        *self.current.lock().expect("snapshot lock") = Some(stored.clone());
-        Ok(())
-    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -184,16 +166,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 sm.last_membership.clone(),
             )
         };
-        let meta = snapshot_meta(last_applied, last_membership);
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        };
-        self.persist(&stored).await?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        self.snapshot
+            .build(last_applied, last_membership, data)
+            .await
     }
 }
 
@@ -275,11 +250,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 membership: state.membership,
             };
         }
-        self.persist(&StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        })
-        .await?;
+        self.snapshot.keep(meta.clone(), data).await?;
         // Versions only grow: a snapshot never carries an older table than one already applied.
         self.table.send_if_modified(|t| {
             if table.version > t.version {
@@ -295,11 +266,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let cur = self.current.lock().expect("snapshot lock").clone();
-        Ok(cur.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        Ok(self.snapshot.current())
     }
 }
 

@@ -27,7 +27,7 @@ use openraft::{
     BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend,
     RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership,
 };
-use placement::raft_log::{flush, io_err, read_err, snapshot_meta, write_err, NodeId};
+use placement::raft_log::{io_err, read_err, write_err, NodeId, SnapshotSlot};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -174,12 +174,6 @@ struct Meta {
     assignment: Assignment,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, BasicNode>,
-    data: Vec<u8>,
-}
-
 #[derive(Debug, Serialize, Deserialize)]
 struct SnapshotData {
     assignment: Assignment,
@@ -193,11 +187,9 @@ pub struct StateMachine {
     store: Arc<JobStore>,
     /// Wakes the trigger loop after the jobs changed.
     engine: Arc<Mutex<Option<SchedulerHandle>>>,
-    current: Arc<Mutex<Option<StoredSnapshot>>>,
+    snapshot: SnapshotSlot,
     assignment: Arc<watch::Sender<Assignment>>,
     applied: Arc<watch::Sender<u64>>,
-    durable: bool,
-    db: sled::Db,
     trees: sled::Tree,
 }
 
@@ -230,10 +222,7 @@ pub fn open(db: sled::Db, durable: bool) -> Result<(LogStore, StateMachine), Sto
         Some(raw) => serde_json::from_slice(&raw).map_err(read_err)?,
         None => Meta::default(),
     };
-    let current = match trees.get("snapshot").map_err(read_err)? {
-        Some(raw) => Some(serde_json::from_slice(&raw).map_err(read_err)?),
-        None => None,
-    };
+    let snapshot = SnapshotSlot::open(&db, trees.clone(), "snapshot", durable)?;
     let applied = meta.last_applied.map_or(0, |l| l.index);
     let sm = StateMachine {
         assignment: Arc::new(watch::Sender::new(meta.assignment.clone())),
@@ -241,9 +230,7 @@ pub fn open(db: sled::Db, durable: bool) -> Result<(LogStore, StateMachine), Sto
         meta: Arc::new(Mutex::new(meta)),
         store,
         engine: Arc::new(Mutex::new(None)),
-        current: Arc::new(Mutex::new(current)),
-        durable,
-        db,
+        snapshot,
         trees,
     };
     Ok((log, sm))
@@ -349,14 +336,6 @@ impl StateMachine {
             h.wake();
         }
     }
-
-    async fn persist(&self, stored: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
-        let raw = serde_json::to_vec(stored).map_err(write_err)?;
-        self.trees.insert("snapshot", raw).map_err(write_err)?;
-        flush(&self.db, self.durable).await?;
-        *lock(&self.current) = Some(stored.clone());
-        Ok(())
-    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -375,16 +354,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             records,
         })
         .map_err(write_err)?;
-        let meta = snapshot_meta(last_applied, last_membership);
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        };
-        self.persist(&stored).await?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        self.snapshot
+            .build(last_applied, last_membership, data)
+            .await
     }
 }
 
@@ -460,11 +432,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
         }
         self.save_meta()?;
-        self.persist(&StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        })
-        .await?;
+        self.snapshot.keep(meta.clone(), data).await?;
         self.publish();
         Ok(())
     }
@@ -472,11 +440,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let cur = lock(&self.current).clone();
-        Ok(cur.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        Ok(self.snapshot.current())
     }
 }
 
