@@ -24,8 +24,8 @@ use chrono::Utc;
 use scheduler::backend::{BackendError, Created, JobsBackend};
 use scheduler::engine::{Delivered, DeliveryError, Engine, EngineConfig, Sink, SystemClock, Tick};
 use scheduler::job::{
-    parse_job_request, parse_reminder_request, AppScope, JobKey, ReminderRef, ReminderScope,
-    RequestError, Target,
+    parse_job_request, parse_reminder_request, AppScope, JobKey, JobSpec, ReminderRef,
+    ReminderScope, RequestError, Target,
 };
 use scheduler::store::{JobStore, StoreError};
 use serde_json::{json, Value};
@@ -96,17 +96,9 @@ impl Sink for HostSink {
                     actor_id,
                     ..
                 } => {
-                    let spec = &tick.spec;
-                    let mut body = json!({
-                        "dueTime": spec.due_time.clone().unwrap_or_default(),
-                        "period": spec.period.clone().unwrap_or_default(),
-                    });
-                    if let Some(d) = data {
-                        body["data"] = d;
-                    }
                     let key = ActorKey::new(actor_type.clone(), actor_id.clone());
                     let path = format!("method/remind/{}", encode(&tick.name));
-                    let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+                    let body = Bytes::from(reminder_body(&tick.spec, data.as_ref()));
                     match runtime.call(&key, &path, headers, body).await {
                         Ok(r) if r.status == StatusCode::OK => Ok(Delivered {
                             epoch: r
@@ -122,6 +114,28 @@ impl Sink for HostSink {
             }
         }
     }
+}
+
+/// The body of a reminder delivery: `{"data":…,"dueTime":"…","period":"…"}` (`data` only when
+/// the reminder has some), the same bytes `serde_json` gives for that object, written directly
+/// instead of building a `Value` map per fire.
+fn reminder_body(spec: &JobSpec, data: Option<&Value>) -> Vec<u8> {
+    let due_time = spec.due_time.as_deref().unwrap_or_default();
+    let period = spec.period.as_deref().unwrap_or_default();
+    let mut out = Vec::with_capacity(32 + due_time.len() + period.len());
+    out.push(b'{');
+    if let Some(d) = data {
+        out.extend_from_slice(b"\"data\":");
+        // Writing a `Value` or a `&str` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut out, d);
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"dueTime\":");
+    let _ = serde_json::to_writer(&mut out, due_time);
+    out.extend_from_slice(b",\"period\":");
+    let _ = serde_json::to_writer(&mut out, period);
+    out.push(b'}');
+    out
 }
 
 /// Starts the jobs backend until `stop`: the scheduler service at `scheduler_addresses` if any
@@ -362,5 +376,38 @@ pub async fn reminder(
             "ERR_BAD_REQUEST",
             format!("reminders take POST, PUT, GET or DELETE, not {other}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reminder_bodies_match_the_json_object() {
+        let spec = JobSpec {
+            due_time: Some("2026-01-02T03:04:05.678Z".into()),
+            period: Some("1h\"0m".into()),
+            ..JobSpec::default()
+        };
+        let data = json!({"b": [1, 2.5, "x\u{e9}\n"], "a": null});
+        for (spec, data) in [
+            (&spec, None),
+            (&spec, Some(&data)),
+            (&JobSpec::default(), Some(&Value::Null)),
+            (&JobSpec::default(), None),
+        ] {
+            let mut want = json!({
+                "dueTime": spec.due_time.clone().unwrap_or_default(),
+                "period": spec.period.clone().unwrap_or_default(),
+            });
+            if let Some(d) = data {
+                want["data"] = d.clone();
+            }
+            assert_eq!(
+                String::from_utf8(reminder_body(spec, data)).unwrap(),
+                serde_json::to_string(&want).unwrap()
+            );
+        }
     }
 }

@@ -106,6 +106,14 @@ enum Cmd {
         /// Offered fire rates for the host case.
         #[arg(long, value_delimiter = ',', default_value = "10000,20000")]
         host_rates: Vec<u64>,
+        /// Engine cases as `reminders:rate` (run one alone to see its memory without what the
+        /// earlier cases left in this process).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "100000:10000,100000:20000,1000000:20000"
+        )]
+        engine_cases: Vec<String>,
     },
     /// State save/get through the sidecar vs straight against Redis.
     State {
@@ -479,7 +487,8 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             host_reminders,
             host_rates,
-        } => scheduler::run(seconds, host_reminders, host_rates).await,
+            engine_cases,
+        } => scheduler::run(seconds, host_reminders, host_rates, engine_cases).await,
         Cmd::Actors {
             seconds,
             warmup,

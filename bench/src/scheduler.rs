@@ -326,10 +326,25 @@ async fn host_case(n: usize, rate: u64, secs: u64) -> anyhow::Result<Vec<String>
     Ok(rows)
 }
 
-pub async fn run(secs: u64, host_reminders: usize, host_rates: Vec<u64>) -> anyhow::Result<()> {
+pub async fn run(
+    secs: u64,
+    host_reminders: usize,
+    host_rates: Vec<u64>,
+    engine_cases: Vec<String>,
+) -> anyhow::Result<()> {
+    let cases = engine_cases
+        .iter()
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            let (n, rate) = c
+                .split_once(':')
+                .with_context(|| format!("engine case {c:?}: expected reminders:rate"))?;
+            Ok((n.parse::<usize>()?, rate.parse::<u64>()?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     println!("| case | reminders | offered fires/s | delivered fires/s | lateness p50 ms | p99 ms | max ms | registration | memory |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for (n, rate) in [(100_000, 10_000), (100_000, 20_000), (1_000_000, 20_000)] {
+    for (n, rate) in cases {
         println!(
             "{}",
             engine_case(n, rate, secs).await.context("engine case")?

@@ -459,34 +459,27 @@ impl<C: Clock, S: Sink> Engine<C, S> {
         if self.in_flight.len() >= self.config.max_in_flight {
             return Ok(None);
         }
-        for entry in self.store.due_entries() {
-            let (ms, key) = entry?;
-            if !self.in_flight.contains_key(&key) {
-                return Ok(Some(index_time(ms)));
-            }
-        }
-        Ok(None)
+        Ok(self
+            .store
+            .first_due(|key| self.in_flight.contains_key(key))
+            .map(index_time))
     }
 
     /// Hands every entry due at `now` to the sink, while there is room in flight.
     fn dispatch_due(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
         // Entries at or before this millisecond are due: they were rounded up.
         let now_ms = u64::try_from(now.timestamp_millis()).unwrap_or(0);
-        let mut due = Vec::new();
-        for entry in self.store.due_entries() {
-            let (ms, key) = entry?;
-            if ms > now_ms || self.in_flight.len() + due.len() >= self.config.max_in_flight {
-                break;
-            }
-            if !self.in_flight.contains_key(&key) {
-                due.push((ms, key));
-            }
-        }
+        let room = self
+            .config
+            .max_in_flight
+            .saturating_sub(self.in_flight.len());
+        let due = self
+            .store
+            .due_until(now_ms, room, |key| self.in_flight.contains_key(key));
         for (ms, key) in due {
             let Some(rec) = self.store.claim(ms, &key)? else {
                 continue;
             };
-            self.store.unindex(ms, &key)?;
             self.dispatch(key, rec, now);
         }
         Ok(())
@@ -556,10 +549,8 @@ impl<C: Clock, S: Sink> Engine<C, S> {
         f: &InFlight,
         result: Result<Delivered, DeliveryError>,
     ) -> Result<(), StoreError> {
-        // Deleted or replaced meanwhile: the outcome belongs to nobody.
-        if self.store.generation(key)? != Some(f.generation) {
-            return Ok(());
-        }
+        // Deleted or replaced meanwhile, the outcome belongs to nobody: `set_state` and `finish`
+        // check the generation and then write nothing.
         let rec = &f.rec;
         let now = self.clock.now();
         let mut epoch = rec.state.epoch;

@@ -1,11 +1,16 @@
 //! The durable job store on sled, with a due-time index.
 //!
-//! - Tree `jobs`: [`JobKey`] bytes -> record `[generation u64 BE][index ms u64 BE][JSON of the job
-//!   and its firing state]`. The header lets the opening scan run without decoding JSON.
-//! - Tree `due`: `[ms u64 BE][JobKey bytes]` -> empty: every job's next attempt, in time order.
-//!   The milliseconds are the attempt's time rounded *up*, so an entry at or before "now" is never
-//!   early. The trigger loop reads this tree from the start; a million jobs cost storage, not
-//!   memory.
+//! - Tree `jobs`: [`JobKey`] bytes -> record `[generation u64 BE][index ms u64 BE][format 1]
+//!   [firing state, 53 bytes binary][JSON of the job]`. The header lets the opening scan run
+//!   without decoding anything, and the trigger loop rewrites the firing state of a job by copying
+//!   the job's JSON bytes behind a new header and state, without encoding JSON. (Records written
+//!   before the binary state, `[header][JSON of the job and its state]`, are still read.)
+//! - The due index: `(ms, key)` for every job's next attempt, in time order, kept in memory (a
+//!   `BTreeSet`, about 100 bytes per job) and rebuilt from the records' headers when the store
+//!   opens, so it is never written to disk and a crash cannot leave it out of step with the
+//!   records. The milliseconds are the attempt's time rounded *up*, so an entry at or before
+//!   "now" is never early. (Stores written before this kept the index in a sled tree `due`; it is
+//!   dropped on opening.)
 //! - Durability: a create or delete is acknowledged only after `flush` (fsync). Concurrent writers
 //!   share flushes (group commit): a writer takes a ticket after its writes, and whoever holds the
 //!   flush lock flushes everything written so far, so the writers queued behind it usually find
@@ -13,11 +18,9 @@
 //!   can only make a tick fire again (at least once), never lose a job.
 //! - No sled transactions or batches: they take sled's process-wide lock exclusively, which a
 //!   flush in progress holds shared, so they would stall for the length of a flush. Each mutation
-//!   is a few single-key writes under the store's own lock, ordered so that any prefix of them
-//!   leaves every job findable: the new index entry is written before the record, and the old
-//!   entry removed after it. A stale index entry is harmless (the loop checks it against the record
-//!   and drops it). Opening the store also re-adds any index entry a record lacks, so the invariant
-//!   "every record is indexed" holds even if a crash kept a later write but not an earlier one.
+//!   is one sled write (the record) and the matching index change, under the store's own lock. A
+//!   stale index entry would be harmless (the loop checks every entry against the record's header
+//!   and drops it), and after a crash the index is rebuilt from the records.
 //! - A record that cannot be decoded is moved to tree `quarantine` instead of stopping the loop.
 //! - Replication support (for a replicated scheduler service): every key falls in one of
 //!   [`PARTITIONS`] partitions ([`partition_of`]); [`JobStore::set_owned`] restricts the due index to
@@ -27,7 +30,7 @@
 //!   the log so that every replica agrees on them; the trigger loop's state changes can be
 //!   collected ([`JobStore::take_progress`]) to be replicated in batches.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -147,21 +150,6 @@ pub fn index_time(ms: u64) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
-fn due_key(ms: u64, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + key.len());
-    k.extend_from_slice(&ms.to_be_bytes());
-    k.extend_from_slice(key);
-    k
-}
-
-fn split_due_key(k: &[u8]) -> Option<(u64, JobKey)> {
-    let (ms, key) = k.split_at_checked(8)?;
-    Some((
-        u64::from_be_bytes(ms.try_into().ok()?),
-        JobKey::from_bytes(key.to_vec()),
-    ))
-}
-
 /// `(generation, index ms)` of a record.
 fn header(raw: &[u8]) -> Option<(u64, u64)> {
     let g = raw.get(0..8)?.try_into().ok()?;
@@ -169,22 +157,114 @@ fn header(raw: &[u8]) -> Option<(u64, u64)> {
     Some((u64::from_be_bytes(g), u64::from_be_bytes(ms)))
 }
 
+/// The format byte after the header of a record with a binary firing state.
+const FORMAT_BINARY: u8 = 1;
+/// The length of the binary firing state.
+const STATE_LEN: usize = 53;
+/// Where the job's JSON starts in a record with a binary firing state.
+const JOB_AT: usize = HEADER + 1 + STATE_LEN;
+
+fn put_time(out: &mut Vec<u8>, t: DateTime<Utc>) {
+    out.extend_from_slice(&t.timestamp().to_be_bytes());
+    out.extend_from_slice(&t.timestamp_subsec_nanos().to_be_bytes());
+}
+
+fn get_time(b: &[u8]) -> Option<DateTime<Utc>> {
+    let secs = i64::from_be_bytes(b.get(0..8)?.try_into().ok()?);
+    let nanos = u32::from_be_bytes(b.get(8..12)?.try_into().ok()?);
+    DateTime::from_timestamp(secs, nanos)
+}
+
+/// `[tick 12][due_at 12][attempt u32][count u32][has last u8][last 12][epoch u64]`, times as
+/// seconds (i64 BE) and nanoseconds (u32 BE).
+fn encode_state(out: &mut Vec<u8>, st: &JobState) {
+    put_time(out, st.tick);
+    put_time(out, st.due_at);
+    out.extend_from_slice(&st.attempt.to_be_bytes());
+    out.extend_from_slice(&st.count.to_be_bytes());
+    out.push(u8::from(st.last.is_some()));
+    put_time(out, st.last.unwrap_or_default());
+    out.extend_from_slice(&st.epoch.to_be_bytes());
+}
+
+fn decode_state(b: &[u8]) -> Option<JobState> {
+    let b = b.get(..STATE_LEN)?;
+    Some(JobState {
+        tick: get_time(&b[0..12])?,
+        due_at: get_time(&b[12..24])?,
+        attempt: u32::from_be_bytes(b[24..28].try_into().ok()?),
+        count: u32::from_be_bytes(b[28..32].try_into().ok()?),
+        last: match b[32] {
+            0 => None,
+            1 => Some(get_time(&b[33..45])?),
+            _ => return None,
+        },
+        epoch: u64::from_be_bytes(b[45..53].try_into().ok()?),
+    })
+}
+
+/// The record of `rec`: header, binary state, then `job_json` (the job's JSON as encoded before).
+fn encode_with(generation: u64, state: &JobState, job_json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(JOB_AT + job_json.len());
+    out.extend_from_slice(&generation.to_be_bytes());
+    out.extend_from_slice(&index_ms(state.due_at).to_be_bytes());
+    out.push(FORMAT_BINARY);
+    encode_state(&mut out, state);
+    out.extend_from_slice(job_json);
+    out
+}
+
 fn encode(rec: &StoredJob) -> Result<Vec<u8>, StoreError> {
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(&rec.generation.to_be_bytes());
-    out.extend_from_slice(&index_ms(rec.state.due_at).to_be_bytes());
-    serde_json::to_writer(&mut out, rec).map_err(|e| StoreError::Encode {
+    let json = serde_json::to_vec(&rec.job).map_err(|e| StoreError::Encode {
         key: rec.job.key().to_string(),
         reason: e.to_string(),
     })?;
-    Ok(out)
+    Ok(encode_with(rec.generation, &rec.state, &json))
+}
+
+/// The job's JSON in a record with a binary state (`None` for the older all-JSON format).
+fn job_json(raw: &[u8]) -> Option<&[u8]> {
+    match raw.get(HEADER) {
+        Some(&FORMAT_BINARY) => raw.get(JOB_AT..),
+        _ => None,
+    }
 }
 
 fn decode(raw: &[u8]) -> Option<StoredJob> {
     let (generation, _) = header(raw)?;
-    let mut rec: StoredJob = serde_json::from_slice(raw.get(HEADER..)?).ok()?;
+    let mut rec: StoredJob = match raw.get(HEADER)? {
+        &FORMAT_BINARY => StoredJob {
+            state: decode_state(raw.get(HEADER + 1..)?)?,
+            job: serde_json::from_slice(raw.get(JOB_AT..)?).ok()?,
+            generation,
+        },
+        // Written before the binary state: the whole record is JSON.
+        _ => serde_json::from_slice(raw.get(HEADER..)?).ok()?,
+    };
     rec.generation = generation;
     Some(rec)
+}
+
+/// The due index: `(index ms, key)` of every indexed job's next attempt.
+#[derive(Debug, Default)]
+struct DueIndex {
+    entries: BTreeSet<(u64, JobKey)>,
+}
+
+impl DueIndex {
+    fn insert(&mut self, ms: u64, key: &[u8]) {
+        self.entries.insert((ms, JobKey::from_bytes(key.to_vec())));
+    }
+
+    fn remove(&mut self, ms: u64, key: &[u8]) {
+        // `BTreeSet::remove` needs an owned tuple; building the key costs one allocation.
+        self.entries.remove(&(ms, JobKey::from_bytes(key.to_vec())));
+    }
+
+    #[cfg(test)]
+    fn contains(&self, ms: u64, key: &JobKey) -> bool {
+        self.entries.contains(&(ms, key.clone()))
+    }
 }
 
 /// A change of firing state to replicate: the job's new state, or `None` once it is finished.
@@ -216,7 +296,8 @@ pub struct StoreStats {
 pub struct JobStore {
     db: sled::Db,
     jobs: sled::Tree,
-    due: sled::Tree,
+    /// The due index (see the module doc); locked after `write` when both are held.
+    due: Mutex<DueIndex>,
     quarantine: sled::Tree,
     /// Whether acknowledged writes are flushed (false only for in-memory test stores).
     durable: bool,
@@ -289,7 +370,7 @@ impl JobStore {
     ) -> Result<Self, StoreError> {
         let store = JobStore {
             jobs: db.open_tree("jobs")?,
-            due: db.open_tree("due")?,
+            due: Mutex::new(DueIndex::default()),
             quarantine: db.open_tree("quarantine")?,
             db,
             durable,
@@ -307,9 +388,15 @@ impl JobStore {
         Ok(store)
     }
 
-    /// Re-adds missing index entries and sets the generation counter past every stored one.
+    /// Builds the due index from the records' headers and sets the generation counter past every
+    /// stored one.
     fn recover(&self) -> Result<(), StoreError> {
-        let (mut max_gen, mut reindexed) = (0, 0usize);
+        // The index of stores written before it was kept in memory.
+        if self.db.tree_names().iter().any(|n| n.as_ref() == b"due") {
+            self.db.drop_tree("due")?;
+        }
+        let mut max_gen = 0;
+        let mut due = self.due_index();
         for item in self.jobs.iter() {
             let (key, raw) = item?;
             let Some((generation, ms)) = header(&raw) else {
@@ -317,21 +404,17 @@ impl JobStore {
                 continue;
             };
             max_gen = max_gen.max(generation);
-            let entry = due_key(ms, &key);
-            if self.indexed(&key) && !self.due.contains_key(&entry)? {
-                self.due.insert(entry, &[][..])?;
-                reindexed += 1;
+            if self.indexed(&key) {
+                due.insert(ms, &key);
             }
         }
         self.next_generation.store(max_gen + 1, Ordering::Release);
-        if reindexed > 0 {
-            tracing::warn!(
-                reindexed,
-                "re-indexed jobs a crash left out of the due index"
-            );
-            self.db.flush()?;
-        }
         Ok(())
+    }
+
+    fn due_index(&self) -> std::sync::MutexGuard<'_, DueIndex> {
+        // Every change to the index is a single insert or remove: a panic cannot leave it torn.
+        self.due.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn quarantine_record(&self, key: &[u8], raw: &[u8]) -> Result<(), StoreError> {
@@ -353,19 +436,13 @@ impl JobStore {
     pub fn set_owned(&self, owned: Option<HashSet<u32>>) -> Result<(), StoreError> {
         let _w = self.lock();
         *self.owned.write().unwrap_or_else(|p| p.into_inner()) = owned;
-        for item in self.due.iter().keys() {
-            let k = item?;
-            if let Some((_, key)) = split_due_key(&k) {
-                if !self.indexed(key.as_bytes()) {
-                    self.due.remove(k)?;
-                }
-            }
-        }
+        let mut due = self.due_index();
+        due.entries.retain(|(_, key)| self.indexed(key.as_bytes()));
         for item in self.jobs.iter() {
             let (key, raw) = item?;
             if let Some((_, ms)) = header(&raw) {
                 if self.indexed(&key) {
-                    self.due.insert(due_key(ms, &key), &[][..])?;
+                    due.insert(ms, &key);
                 }
             }
         }
@@ -445,7 +522,7 @@ impl JobStore {
             None => {
                 if let Some(ms) = old_ms {
                     self.jobs.remove(key.as_bytes())?;
-                    self.due.remove(due_key(ms, key.as_bytes()))?;
+                    self.due_index().remove(ms, key.as_bytes());
                 }
                 PutOutcome::NeverFires {
                     replaced: old.is_some(),
@@ -509,13 +586,14 @@ impl JobStore {
     pub fn import(&self, records: Records) -> Result<(), StoreError> {
         let _w = self.lock();
         self.jobs.clear()?;
-        self.due.clear()?;
+        let mut due = self.due_index();
+        due.entries.clear();
         let mut max_gen = 0;
         for (k, v) in records {
             if let Some((g, ms)) = header(&v) {
                 max_gen = max_gen.max(g);
                 if self.indexed(&k) {
-                    self.due.insert(due_key(ms, &k), &[][..])?;
+                    due.insert(ms, &k);
                 }
                 self.jobs.insert(k, v)?;
             }
@@ -599,7 +677,7 @@ impl JobStore {
             None => {
                 if let Some(ms) = old_ms {
                     self.jobs.remove(key.as_bytes())?;
-                    self.due.remove(due_key(ms, key.as_bytes()))?;
+                    self.due_index().remove(ms, key.as_bytes());
                 }
                 PutOutcome::NeverFires {
                     replaced: old.is_some(),
@@ -622,22 +700,31 @@ impl JobStore {
         })
     }
 
-    /// Index first, record second, old index entry last (see the module doc).
+    /// Writes `rec` over the record whose index position was `old_ms`, and moves its index entry.
     fn write_record(
         &self,
         key: &JobKey,
         rec: &StoredJob,
         old_ms: Option<u64>,
     ) -> Result<(), StoreError> {
-        let raw = encode(rec)?;
-        let ms = index_ms(rec.state.due_at);
-        let indexed = self.indexed(key.as_bytes());
-        if indexed {
-            self.due.insert(due_key(ms, key.as_bytes()), &[][..])?;
-        }
+        self.write_raw(key, encode(rec)?, index_ms(rec.state.due_at), old_ms)
+    }
+
+    /// Writes an encoded record (index position `ms`) under the write lock.
+    fn write_raw(
+        &self,
+        key: &JobKey,
+        raw: Vec<u8>,
+        ms: u64,
+        old_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
         self.jobs.insert(key.as_bytes(), raw)?;
-        if let Some(old) = old_ms.filter(|o| *o != ms || !indexed) {
-            self.due.remove(due_key(old, key.as_bytes()))?;
+        let mut due = self.due_index();
+        if let Some(old) = old_ms {
+            due.remove(old, key.as_bytes());
+        }
+        if self.indexed(key.as_bytes()) {
+            due.insert(ms, key.as_bytes());
         }
         Ok(())
     }
@@ -647,7 +734,7 @@ impl JobStore {
             return Ok(false);
         };
         if let Some((_, ms)) = header(&old) {
-            self.due.remove(due_key(ms, key))?;
+            self.due_index().remove(ms, key);
         }
         Ok(true)
     }
@@ -721,21 +808,49 @@ impl JobStore {
 
     // --- used by the trigger loop (no flush: losing one of these repeats a tick) ---------------
 
-    /// Index entries in time order, from the first; `(ms, key)`.
-    pub(crate) fn due_entries(
-        &self,
-    ) -> impl Iterator<Item = Result<(u64, JobKey), StoreError>> + '_ {
-        self.due.iter().keys().filter_map(|k| match k {
-            Ok(k) => split_due_key(&k).map(Ok),
-            Err(e) => Some(Err(e.into())),
-        })
+    /// Index entries in time order, from the first; `(ms, key)` (a copy, for tests).
+    #[cfg(test)]
+    pub(crate) fn due_entries(&self) -> impl Iterator<Item = Result<(u64, JobKey), StoreError>> {
+        let all: Vec<_> = self.due_index().entries.iter().cloned().map(Ok).collect();
+        all.into_iter()
     }
 
-    /// The job an index entry points at, if the entry is current; a stale entry is removed and an
-    /// unreadable record quarantined.
+    /// Up to `limit` index entries at or before `until_ms`, in time order, leaving out those
+    /// `skip` names (the jobs in flight).
+    pub(crate) fn due_until(
+        &self,
+        until_ms: u64,
+        limit: usize,
+        skip: impl Fn(&JobKey) -> bool,
+    ) -> Vec<(u64, JobKey)> {
+        let due = self.due_index();
+        let mut out = Vec::new();
+        for (ms, key) in &due.entries {
+            if *ms > until_ms || out.len() >= limit {
+                break;
+            }
+            if !skip(key) {
+                out.push((*ms, key.clone()));
+            }
+        }
+        out
+    }
+
+    /// The index position of the first entry `skip` does not name.
+    pub(crate) fn first_due(&self, skip: impl Fn(&JobKey) -> bool) -> Option<u64> {
+        self.due_index()
+            .entries
+            .iter()
+            .find(|(_, key)| !skip(key))
+            .map(|(ms, _)| *ms)
+    }
+
+    /// Takes an index entry for the trigger loop: the entry is removed (the job's tick is in
+    /// flight, so scans skip it; the outcome writes the next one), and the job it points at is
+    /// returned if the entry is current. An unreadable record is quarantined.
     pub(crate) fn claim(&self, ms: u64, key: &JobKey) -> Result<Option<StoredJob>, StoreError> {
         let _w = self.lock();
-        let entry = due_key(ms, key.as_bytes());
+        self.due_index().remove(ms, key.as_bytes());
         let raw = self.jobs.get(key.as_bytes())?;
         // Not current either if its partition stopped being fired since the entry was read.
         let current = self.indexed(key.as_bytes())
@@ -744,7 +859,6 @@ impl JobStore {
                 .and_then(header)
                 .is_some_and(|(_, m)| m == ms);
         if !current {
-            self.due.remove(entry)?;
             return Ok(None);
         }
         let raw = raw.unwrap_or_default();
@@ -752,19 +866,9 @@ impl JobStore {
             Some(rec) => Ok(Some(rec)),
             None => {
                 self.quarantine_record(key.as_bytes(), &raw)?;
-                self.due.remove(entry)?;
                 Ok(None)
             }
         }
-    }
-
-    /// Removes one index entry: the trigger loop takes the entry of a job while its tick is in
-    /// flight, so that scans skip it; the outcome writes the next one. (After a crash, opening
-    /// the store re-indexes every record.)
-    pub(crate) fn unindex(&self, ms: u64, key: &JobKey) -> Result<(), StoreError> {
-        let _w = self.lock();
-        self.due.remove(due_key(ms, key.as_bytes()))?;
-        Ok(())
     }
 
     /// Puts back the index entry of `key`'s current record (if its partition is indexed).
@@ -772,10 +876,16 @@ impl JobStore {
         let _w = self.lock();
         if let Some((_, ms)) = self.jobs.get(key.as_bytes())?.as_deref().and_then(header) {
             if self.indexed(key.as_bytes()) {
-                self.due.insert(due_key(ms, key.as_bytes()), &[][..])?;
+                self.due_index().insert(ms, key.as_bytes());
             }
         }
         Ok(())
+    }
+
+    /// Whether the index holds `(ms, key)` (for tests).
+    #[cfg(test)]
+    pub(crate) fn is_indexed_at(&self, ms: u64, key: &JobKey) -> bool {
+        self.due_index().contains(ms, key)
     }
 
     /// Sets the state of the job `key` if it is still generation `generation`; false if it was
@@ -803,30 +913,26 @@ impl JobStore {
         state: JobState,
     ) -> Result<bool, StoreError> {
         let _w = self.lock();
-        let Some((generation, old_ms)) = self.jobs.get(key.as_bytes())?.as_deref().and_then(header)
-        else {
+        let Some(raw) = self.jobs.get(key.as_bytes())? else {
+            return Ok(false);
+        };
+        let Some((generation, old_ms)) = header(&raw) else {
             return Ok(false);
         };
         if generation != base.generation {
             return Ok(false);
         }
-        let rec = StoredJob {
-            state,
-            ..base.clone()
+        // The job's JSON is copied as it is stored: only the header and the state change.
+        let new = match job_json(&raw) {
+            Some(json) => encode_with(generation, &state, json),
+            None => encode(&StoredJob {
+                state,
+                ..base.clone()
+            })?,
         };
-        self.write_record(key, &rec, Some(old_ms))?;
+        self.write_raw(key, new, index_ms(state.due_at), Some(old_ms))?;
         self.record_progress(key.as_bytes(), generation, Some(state));
         Ok(true)
-    }
-
-    /// The generation of the stored job `key`, read from the record's header.
-    pub(crate) fn generation(&self, key: &JobKey) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .jobs
-            .get(key.as_bytes())?
-            .as_deref()
-            .and_then(header)
-            .map(|(g, _)| g))
     }
 
     /// Removes the job `key` (it has no tick left) if it is still generation `generation`.

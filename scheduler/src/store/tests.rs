@@ -237,10 +237,10 @@ async fn reopening_reindexes_and_quarantines() {
         job("a", 5).key()
     };
     {
-        // What a crash could leave: a record without its index entry, and garbage.
+        // Garbage, and the on-disk index of stores written before the index was kept in memory.
         let db = sled::open(dir.path()).unwrap();
         let due = db.open_tree("due").unwrap();
-        due.clear().unwrap();
+        due.insert(b"stale", &[][..]).unwrap();
         db.open_tree("jobs")
             .unwrap()
             .insert(b"junk", &b"x"[..])
@@ -248,7 +248,15 @@ async fn reopening_reindexes_and_quarantines() {
         db.flush().unwrap();
     }
     let s = JobStore::open(dir.path()).unwrap();
-    assert_eq!(entries(&s).len(), 2);
+    assert_eq!(
+        entries(&s).len(),
+        2,
+        "the index is rebuilt from the records"
+    );
+    assert!(
+        !s.db.tree_names().iter().any(|n| n.as_ref() == b"due"),
+        "the old index tree is dropped"
+    );
     assert!(s.get(&key).unwrap().is_some());
     assert_eq!(s.len(), 2, "the unreadable record was moved aside");
     let PutOutcome::Stored { generation, .. } = s.put(job("c", 1), false).await.unwrap() else {
@@ -379,4 +387,155 @@ fn the_index_holds_only_owned_partitions_and_follows_changes() {
     assert_eq!(p[0].key, other.as_bytes());
     s.restore_progress(p);
     assert_eq!(s.take_progress().len(), 1);
+}
+
+#[test]
+fn binary_states_round_trip() {
+    let j = job("a", 5);
+    let base = JobState::initial(&j).unwrap();
+    let states = [
+        base,
+        JobState {
+            tick: t0() + TimeDelta::nanoseconds(123_456_789),
+            due_at: t0() + TimeDelta::milliseconds(1_500),
+            attempt: 7,
+            count: u32::MAX,
+            last: Some(t0() - TimeDelta::nanoseconds(1)),
+            epoch: u64::MAX,
+        },
+        JobState {
+            tick: DateTime::<Utc>::MIN_UTC,
+            due_at: DateTime::<Utc>::MAX_UTC,
+            last: Some(DateTime::<Utc>::UNIX_EPOCH),
+            ..base
+        },
+    ];
+    for (i, st) in states.into_iter().enumerate() {
+        let rec = StoredJob {
+            job: j.clone(),
+            generation: 40 + i as u64,
+            state: st,
+        };
+        let raw = encode(&rec).unwrap();
+        assert_eq!(header(&raw), Some((rec.generation, index_ms(st.due_at))));
+        assert_eq!(raw.len(), JOB_AT + serde_json::to_vec(&j).unwrap().len());
+        assert_eq!(decode(&raw), Some(rec));
+    }
+    // Damaged records do not decode (and so are quarantined, not misread).
+    let raw = encode(&StoredJob {
+        job: j.clone(),
+        generation: 1,
+        state: base,
+    })
+    .unwrap();
+    let mut bad_flag = raw.clone();
+    bad_flag[HEADER + 1 + 32] = 2;
+    assert_eq!(decode(&bad_flag), None);
+    assert_eq!(decode(&raw[..JOB_AT - 1]), None);
+    assert_eq!(decode(&raw[..raw.len() - 1]), None);
+}
+
+/// A record as stored before the binary state: the header, then all of it as JSON.
+fn legacy_record(rec: &StoredJob) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&rec.generation.to_be_bytes());
+    out.extend_from_slice(&index_ms(rec.state.due_at).to_be_bytes());
+    serde_json::to_writer(&mut out, rec).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn records_of_the_older_format_are_read_and_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = job("a", 5);
+    let key = j.key();
+    let rec = StoredJob {
+        job: j.clone(),
+        generation: 9,
+        state: JobState::initial(&j).unwrap(),
+    };
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("jobs")
+            .unwrap()
+            .insert(key.as_bytes(), legacy_record(&rec))
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let s = JobStore::open(dir.path()).unwrap();
+    assert_eq!(s.get(&key).unwrap(), Some(rec.clone()));
+    assert_eq!(
+        entries(&s),
+        vec![(index_ms(rec.state.due_at), key.to_string())]
+    );
+    let claimed = s.claim(index_ms(rec.state.due_at), &key).unwrap().unwrap();
+    assert_eq!(claimed, rec);
+    let next = JobState {
+        tick: rec.state.tick + TimeDelta::seconds(1),
+        due_at: rec.state.due_at + TimeDelta::seconds(1),
+        count: 1,
+        last: Some(rec.state.tick),
+        ..rec.state
+    };
+    assert!(s.set_state(&key, &claimed, next).unwrap());
+    let raw = s.jobs.get(key.as_bytes()).unwrap().unwrap();
+    assert_eq!(
+        raw.get(HEADER),
+        Some(&FORMAT_BINARY),
+        "rewritten in the new format"
+    );
+    assert_eq!(s.get(&key).unwrap(), Some(StoredJob { state: next, ..rec }));
+}
+
+#[tokio::test]
+async fn state_updates_keep_the_job_and_move_the_index_entry() {
+    let s = JobStore::temporary().unwrap();
+    let j = job("a", 5);
+    let key = j.key();
+    let PutOutcome::Stored { generation, .. } = s.put(j.clone(), false).await.unwrap() else {
+        panic!()
+    };
+    let json_before = job_json(&s.jobs.get(key.as_bytes()).unwrap().unwrap())
+        .unwrap()
+        .to_vec();
+    let (ms, _) = s.due_entries().next().unwrap().unwrap();
+    let rec = s.claim(ms, &key).unwrap().unwrap();
+    assert!(entries(&s).is_empty(), "a claimed entry leaves the index");
+    assert_eq!(s.first_due(|_| false), None);
+    let mut st = rec.state;
+    for i in 1..=3u32 {
+        st = JobState {
+            tick: st.tick + TimeDelta::seconds(1),
+            due_at: st.due_at + TimeDelta::seconds(1),
+            count: i,
+            last: Some(st.tick),
+            epoch: u64::from(i),
+            attempt: 0,
+        };
+        assert!(s.set_state(&key, &rec, st).unwrap());
+        let raw = s.jobs.get(key.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            job_json(&raw).unwrap(),
+            &json_before[..],
+            "the job's bytes are kept"
+        );
+        assert_eq!(s.get(&key).unwrap().unwrap().state, st);
+        assert_eq!(entries(&s), vec![(index_ms(st.due_at), key.to_string())]);
+        assert!(s.is_indexed_at(index_ms(st.due_at), &key));
+    }
+    assert_eq!(s.get(&key).unwrap().unwrap().generation, generation);
+    // Queries over the index: bounded by time and count, skipping what the loop names.
+    let due = index_ms(st.due_at);
+    assert_eq!(s.due_until(due - 1, 10, |_| false), vec![]);
+    assert_eq!(s.due_until(due, 10, |_| false), vec![(due, key.clone())]);
+    assert_eq!(s.due_until(due, 0, |_| false), vec![]);
+    assert_eq!(s.due_until(due, 10, |k| *k == key), vec![]);
+    assert_eq!(s.first_due(|_| false), Some(due));
+    assert_eq!(s.first_due(|k| *k == key), None);
+    // A delete takes the entry with it; a later outcome of the deleted job writes nothing.
+    assert!(s.delete(&key).await.unwrap());
+    assert!(entries(&s).is_empty());
+    assert!(!s.set_state(&key, &rec, st).unwrap());
+    assert!(entries(&s).is_empty());
+    assert_eq!(s.get(&key).unwrap(), None);
 }
