@@ -1,6 +1,7 @@
 //! The Raft log on sled, shared by every Raft group in Tessera (the placement replicas and the
 //! scheduler replicas): openraft's storage-v2 [`RaftLogStorage`], generic over the type
-//! configuration, plus the storage-error helpers their state machines use.
+//! configuration, plus what their state machines share: the storage-error helpers and the
+//! [`SnapshotSlot`] that keeps a state machine's latest snapshot.
 //!
 //! - Tree `log`: entry index (u64 BE) -> JSON entry. Tree `meta`: the vote, the last purged log
 //!   id and the committed log id. Every change (but the committed id) is flushed before openraft
