@@ -560,8 +560,7 @@ impl tower::Service<axum::extract::Request> for ApiService {
     fn call(&mut self, req: axum::extract::Request) -> Self::Future {
         use axum::response::IntoResponse;
         if self.shared.config.api_token.is_none() {
-            if let Some((t, id, m)) = actors::api::fast_invoke_route(req.method(), req.uri().path())
-            {
+            if let Some((t, id, m)) = actors::api::fast_invoke_route(req.uri().path()) {
                 let (t, id, m) = (t.to_string(), id.to_string(), m.to_string());
                 let shared = self.shared.clone();
                 let (parts, body) = req.into_parts();

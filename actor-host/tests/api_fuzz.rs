@@ -234,3 +234,26 @@ proptest! {
         prop_assert_eq!(got == 200, status == 204, "sentinel written iff the save succeeded");
     }
 }
+
+/// The invoke route answers a verb other than GET, POST, PUT and DELETE with 405, whether the
+/// path takes the shortcut in front of the router or goes through it (percent-encoded).
+#[test]
+fn invoke_with_another_verb_is_405() {
+    FIXTURE.with(|f| {
+        for path in ["/v1.0/actors/T/i/method/m", "/v1.0/actors/T/i%20j/method/m"] {
+            for verb in [Method::PATCH, Method::HEAD, Method::OPTIONS] {
+                let req = Request::builder()
+                    .method(verb.clone())
+                    .uri(path)
+                    .body(Body::empty())
+                    .unwrap();
+                let (status, body) = send(f, req);
+                assert_eq!(status, 405, "{verb} {path}");
+                if verb != Method::HEAD {
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    assert_eq!(v["errorCode"], "ERR_BAD_REQUEST", "{verb} {path}");
+                }
+            }
+        }
+    });
+}
