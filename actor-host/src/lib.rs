@@ -9,7 +9,7 @@
 //! - [`run`]: serve the API on a listener until the shutdown future or `POST /v1.0/shutdown`.
 //! - `state_api`: `/v1.0/state/...`; `meta_api`: metadata, health, shutdown, API token.
 //! - [`actors`]: the actor runtime (placement client, activations, turns, fencing, timers), its
-//!   HTTP API (`/v1.0/actors/...`) and the internal host-to-host gRPC service.
+//!   HTTP API (`/v1.0/actors/...`) and the internal port other hosts forward actor calls to.
 //! - Without `--placement-host-address` the host embeds a single-node placement (standalone), and
 //!   without `--scheduler-host-address` the scheduler ([`jobs`]).
 //! - [`error::ApiError`]: Dapr's `{"errorCode","message"}` errors, mapped in one place.
@@ -63,7 +63,7 @@ pub struct HostConfig {
     pub placement_addresses: Vec<String>,
     /// Scheduler replicas (`--scheduler-host-address`); empty embeds the scheduler.
     pub scheduler_addresses: Vec<String>,
-    /// Where the internal (host-to-host) gRPC service listens (`--dapr-internal-grpc-port`).
+    /// Where the internal (host-to-host) port listens (`--dapr-internal-grpc-port`).
     pub internal_listen: SocketAddr,
     /// The longest an actor call may take in all: routing, waiting for the turn, the app.
     pub actor_call_timeout: Duration,
@@ -102,7 +102,7 @@ pub enum HostError {
     Component(#[from] ComponentError),
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot listen on {addr} for the internal gRPC service: {source}; pick another --dapr-internal-grpc-port")]
+    #[error("cannot listen on {addr} for the internal host-to-host port: {source}; pick another --dapr-internal-grpc-port")]
     Internal {
         addr: SocketAddr,
         source: std::io::Error,
@@ -248,30 +248,20 @@ impl Host {
                     heartbeat: config.placement_heartbeat,
                     dial: placement::network::tcp(),
                 },
-                dial: placement::network::tcp(),
+                connect: actors::remote::tcp(),
                 call_timeout: config.actor_call_timeout,
             },
             app,
             actor_store,
         );
-        {
-            let svc = actors::remote::service(runtime.clone());
-            let stop = background.clone();
-            tokio::spawn(async move {
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(internal).with_nodelay(Some(true));
-                if let Err(e) = tonic::transport::Server::builder()
-                    .add_service(svc)
-                    .serve_with_incoming_shutdown(incoming, stop.cancelled())
-                    .await
-                {
-                    tracing::error!(error = %e, "internal gRPC service stopped");
-                }
-            });
-        }
+        tokio::spawn(actors::remote::serve_tcp(
+            internal,
+            runtime.clone(),
+            background.clone(),
+        ));
         tracing::info!(
             address = runtime.host_address(),
-            "internal gRPC service listening"
+            "internal port listening for other hosts"
         );
         let jobs = jobs::start(
             &config.data_dir.join("scheduler"),

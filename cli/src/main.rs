@@ -227,8 +227,8 @@ struct HostArgs {
     /// Port passed to the app as DAPR_GRPC_PORT. This build serves the HTTP API only.
     #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
     dapr_grpc_port: u16,
-    /// Port of the internal gRPC service other hosts forward actor calls to [default: a free
-    /// port].
+    /// Port other hosts forward actor calls to (Dapr's name for it; the calls travel as
+    /// framed protobuf messages on one connection per pair of hosts) [default: a free port].
     #[arg(long, default_value_t = 0, hide_default_value = true)]
     dapr_internal_grpc_port: u16,
     /// Placement replicas as host:port, comma-separated. Without it the host embeds a

@@ -1,7 +1,7 @@
 //! Actor hosts under host crashes, pauses and partitions, with single-activation oracles.
 //!
 //! 3 placement replicas and [`HOSTS`] actor hosts. Each host is a real
-//! [`actor_host::actors::ActorRuntime`] with its internal gRPC service on a simulated listener,
+//! [`actor_host::actors::ActorRuntime`] with its internal port on a simulated listener,
 //! an in-process app (the `Counter` actor) and one shared in-memory state store standing for
 //! an external Redis ([`crate::mem_store`]). Workers inside every host call random actors
 //! (skewed towards a few hot ones) through their own runtime, which runs the turn locally or
@@ -895,7 +895,7 @@ async fn start_host(
                 heartbeat: Duration::from_secs(1),
                 dial: net::dial(),
             },
-            dial: net::dial(),
+            connect: net::connect(),
             call_timeout: CALL_TIMEOUT,
         },
         Some(Arc::new(App(app.clone())) as Arc<dyn AppChannel>),
@@ -924,11 +924,15 @@ async fn start_host(
         gate.clone(),
         spec.node.clone(),
     ));
-    tonic::transport::Server::builder()
-        .add_service(actor_host::actors::remote::service(runtime))
-        .serve_with_incoming(net::Incoming::new(listener))
-        .await?;
-    Ok(())
+    let stop = tokio_util::sync::CancellationToken::new();
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(actor_host::actors::remote::serve_connection(
+            stream,
+            runtime.clone(),
+            stop.clone(),
+        ));
+    }
 }
 
 fn now() -> Duration {

@@ -1,4 +1,5 @@
-//! tonic over turmoil's simulated TCP: a dialer for clients and an incoming stream for servers.
+//! Simulated TCP (turmoil) for the services: a dialer for tonic clients, an incoming stream for
+//! tonic servers, and raw connections between actor hosts.
 
 use std::future::Future;
 use std::io;
@@ -27,6 +28,21 @@ pub fn dial() -> Dial {
                         .map(TokioIo::new)
                 }
             })))
+    })
+}
+
+/// Opens simulated connections to other actor hosts' internal ports.
+pub fn connect() -> actor_host::actors::remote::Connect {
+    Arc::new(|addr: String| {
+        Box::pin(async move {
+            let s = tokio::time::timeout(
+                Duration::from_millis(500),
+                turmoil::net::TcpStream::connect(addr),
+            )
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            Ok(Box::new(s) as Box<dyn actor_host::actors::remote::Stream>)
+        })
     })
 }
 

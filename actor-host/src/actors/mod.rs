@@ -2,7 +2,8 @@
 //!
 //! - **Ownership** comes from placement: the host keeps the latest table, builds one ring per
 //!   actor type ([`placement::ring::Rings`]) and calls locally or forwards to the owner over the
-//!   internal gRPC service, carrying its table version (`remote`).
+//!   internal port (one multiplexed connection per pair of hosts), carrying its table version
+//!   (`remote`).
 //! - **Version barrier**: when a table arrives, the host closes the activations it lost, waits
 //!   for their turn in flight (up to `drainOngoingCallTimeout`), deactivates them in the app, and
 //!   only then reports the version as applied. It creates a *new* activation only once placement
@@ -56,13 +57,13 @@ pub const EPOCH_HEADER: &str = "tessera-activation-epoch";
 pub struct RuntimeConfig {
     pub app_id: String,
     pub namespace: String,
-    /// This host's name in placement tables: the address of its internal gRPC service.
+    /// This host's name in placement tables: the address of its internal port.
     pub host_address: String,
     /// Placement replicas (gRPC `host:port`).
     pub placement: Vec<String>,
     pub placement_options: placement::client::Options,
-    /// How to reach other hosts' internal service.
-    pub dial: placement::network::Dial,
+    /// How to reach other hosts' internal port.
+    pub connect: remote::Connect,
     /// The longest a call waits in all (routing, the actor's turn, the app).
     pub call_timeout: Duration,
 }
@@ -149,7 +150,7 @@ impl ActorRuntime {
         app: Option<Arc<dyn AppChannel>>,
         store: Option<ActorStore>,
     ) -> Arc<Self> {
-        let dial = cfg.dial.clone();
+        let connect = cfg.connect.clone();
         Arc::new(ActorRuntime {
             cfg,
             app,
@@ -162,7 +163,7 @@ impl ActorRuntime {
             }),
             settled: watch::Sender::new(0),
             actors: Mutex::new(HashMap::new()),
-            remote: remote::Peers::new(dial),
+            remote: remote::Peers::new(connect),
             metrics: Metrics::default(),
             closing: AtomicBool::new(false),
             epoch0: Instant::now(),

@@ -1,26 +1,144 @@
-//! Host to host: actor calls forwarded to the owner over the internal gRPC service
-//! (`tessera.internal.v1.ActorHost`), each carrying the caller's table version.
+//! Host to host: actor calls forwarded to the owner, each carrying the caller's table version.
+//!
+//! One long-lived connection per pair of hosts carries every call between them, many at a time
+//! (the framing is in `proto/proto/internal.proto`): a caller's frame goes to the connection's
+//! writer task, which writes whatever has queued up in one system call, and the connection's
+//! reader task hands each answer to its caller by `call_id`. On the owner, a reader task spawns
+//! a task per call and a writer task batches the answers the same way. Under load a write and a
+//! read carry many calls; a lone call costs one write and one read each way.
+//!
+//! A connection is dialed on first use and forgotten when it breaks or a call on it times out
+//! (a partition can black-hole it); calls still waiting on it keep it open until they end.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use bytes::Bytes;
-use proto::internal::actor_host_client::ActorHostClient;
-use proto::internal::actor_host_server::{ActorHost, ActorHostServer};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message;
 use proto::internal::actor_reply::Reply;
 use proto::internal::{ActorCall, ActorReply, AppReply, CallError as WireError, Header};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio::time::Instant;
-use tonic::transport::Channel;
+use tokio_util::sync::CancellationToken;
 
 use super::activation::ActorKey;
 use super::app_channel::{forwardable, AppResponse};
 use super::{ActorRuntime, CallError, Local};
 
-/// Connections to other hosts, one lazily dialed channel per host.
-pub struct Peers {
-    dial: placement::network::Dial,
-    clients: Mutex<HashMap<String, ActorHostClient<Channel>>>,
+/// What a connection between hosts is: a TCP stream here, a simulated one in `sims/`.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+/// Opens a connection to another host's internal port (`host:port`).
+pub type Connect = Arc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = io::Result<Box<dyn Stream>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Connects over TCP (no Nagle: calls are small and latency-bound).
+pub fn tcp() -> Connect {
+    Arc::new(|addr: String| {
+        Box::pin(async move {
+            let s = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(&addr),
+            )
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            s.set_nodelay(true)?;
+            Ok(Box::new(s) as Box<dyn Stream>)
+        })
+    })
+}
+
+/// The first bytes a caller sends on a new connection.
+const PREFACE: &[u8; 8] = b"TSRLANE1";
+/// The largest frame either side accepts (a call's body and headers, encoded).
+const MAX_FRAME: usize = 512 << 20;
+/// A writer task writes at most this much per system call when frames queue up.
+const WRITE_BATCH: usize = 256 << 10;
+
+fn frame(msg: &impl Message) -> Result<Bytes, String> {
+    let len = msg.encoded_len();
+    if len > MAX_FRAME {
+        return Err(format!(
+            "the call is {len} bytes encoded, over the {MAX_FRAME}-byte limit between hosts"
+        ));
+    }
+    let mut buf = BytesMut::with_capacity(4 + len);
+    buf.put_u32(len as u32);
+    msg.encode(&mut buf).map_err(|e| e.to_string())?;
+    Ok(buf.freeze())
+}
+
+/// Reads one frame's message; `Ok(None)` at a clean end of the stream.
+async fn read_frame<M: Message + Default>(
+    r: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> io::Result<Option<M>> {
+    loop {
+        if buf.len() >= 4 {
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if len > MAX_FRAME {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a {len}-byte frame is over the {MAX_FRAME}-byte limit"),
+                ));
+            }
+            if buf.len() >= 4 + len {
+                buf.advance(4);
+                let body = buf.split_to(len);
+                return M::decode(body.freeze())
+                    .map(Some)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            buf.reserve(4 + len - buf.len());
+        } else {
+            buf.reserve(64 << 10);
+        }
+        if r.read_buf(buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+    }
+}
+
+/// Writes the frames sent to `rx`, many per system call when they queue up, until every sender
+/// is gone; then closes the write side.
+async fn write_frames(mut w: impl AsyncWrite + Unpin, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    let mut batch = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        let result = if let Ok(second) = rx.try_recv() {
+            batch.extend_from_slice(&first);
+            batch.extend_from_slice(&second);
+            while batch.len() < WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => batch.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            let r = w.write_all(&batch).await;
+            batch.clear();
+            r
+        } else {
+            w.write_all(&first).await
+        };
+        if result.is_err() {
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
 }
 
 fn to_wire(headers: &HeaderMap) -> Vec<Header> {
@@ -47,29 +165,124 @@ fn from_wire(headers: Vec<Header>) -> HeaderMap {
     out
 }
 
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ActorReply>>>>;
+
+/// A caller's connection to one other host.
+struct Conn {
+    frames: mpsc::UnboundedSender<Bytes>,
+    pending: Pending,
+    next_id: AtomicU64,
+    /// Set by the reader when the connection ends.
+    broken: Arc<AtomicBool>,
+}
+
+impl Conn {
+    async fn open(connect: &Connect, addr: &str) -> io::Result<Arc<Conn>> {
+        let mut stream = connect(addr.to_string()).await?;
+        stream.write_all(PREFACE).await?;
+        let (mut r, w) = tokio::io::split(stream);
+        let (frames, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_frames(w, rx));
+        let pending: Pending = Arc::default();
+        let broken = Arc::new(AtomicBool::new(false));
+        {
+            let pending = pending.clone();
+            let broken = broken.clone();
+            let addr = addr.to_string();
+            tokio::spawn(async move {
+                let mut buf = BytesMut::new();
+                let end = loop {
+                    match read_frame::<ActorReply>(&mut r, &mut buf).await {
+                        Ok(Some(reply)) => {
+                            let waiter = lock(&pending).remove(&reply.call_id);
+                            if let Some(tx) = waiter {
+                                let _ = tx.send(reply);
+                            }
+                        }
+                        Ok(None) => break None,
+                        Err(e) => break Some(e),
+                    }
+                };
+                broken.store(true, Ordering::Release);
+                if let Some(e) = end {
+                    tracing::debug!(host = %addr, error = %e, "connection to host ended");
+                }
+                // Every call still waiting learns that its answer will not come.
+                lock(&pending).clear();
+            });
+        }
+        Ok(Arc::new(Conn {
+            frames,
+            pending,
+            next_id: AtomicU64::new(1),
+            broken,
+        }))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes a call's entry if it ends without an answer (timed out, or its caller went away).
+struct Waiting<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        lock(self.pending).remove(&self.id);
+    }
+}
+
+type Slot = Arc<OnceCell<Arc<Conn>>>;
+
+/// Connections to other hosts, one per host, dialed on first use.
+pub struct Peers {
+    connect: Connect,
+    conns: Mutex<HashMap<String, Slot>>,
+}
+
 impl Peers {
-    pub fn new(dial: placement::network::Dial) -> Self {
+    pub fn new(connect: Connect) -> Self {
         Peers {
-            dial,
-            clients: Mutex::new(HashMap::new()),
+            connect,
+            conns: Mutex::new(HashMap::new()),
         }
     }
 
-    fn client(&self, addr: &str) -> Result<ActorHostClient<Channel>, String> {
-        let mut clients = self.clients.lock().expect("lock");
-        if let Some(c) = clients.get(addr) {
-            return Ok(c.clone());
+    async fn conn(&self, addr: &str) -> io::Result<Arc<Conn>> {
+        let slot = lock(&self.conns)
+            .entry(addr.to_string())
+            .or_default()
+            .clone();
+        let conn = slot
+            .get_or_try_init(|| Conn::open(&self.connect, addr))
+            .await;
+        match conn {
+            Ok(c) if !c.broken.load(Ordering::Acquire) => Ok(c.clone()),
+            Ok(_) => {
+                self.forget(addr, &slot);
+                Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "the connection had closed",
+                ))
+            }
+            Err(e) => {
+                self.forget(addr, &slot);
+                Err(e)
+            }
         }
-        let channel = (self.dial)(addr).map_err(|e| e.to_string())?;
-        let c = ActorHostClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
-        clients.insert(addr.to_string(), c.clone());
-        Ok(c)
     }
 
-    fn forget(&self, addr: &str) {
-        self.clients.lock().expect("lock").remove(addr);
+    /// Drops the connection in `slot` so the next call dials afresh (unless another call has
+    /// already put a new one in its place).
+    fn forget(&self, addr: &str, slot: &Slot) {
+        let mut conns = lock(&self.conns);
+        if conns.get(addr).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            conns.remove(addr);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -83,26 +296,46 @@ impl Peers {
         version: u64,
         deadline: Instant,
     ) -> Local {
-        let mut client = match self.client(addr) {
+        let conn = match self.conn(addr).await {
             Ok(c) => c,
+            // Nothing was sent: the owner is down or not listening. Placement will move its
+            // actors once its lease lapses; route again until then (bounded by the deadline).
             Err(e) => {
-                return Local::Done(Err(CallError::invoke(format!(
-                    "cannot reach host {addr} for actor {key}: {e}"
-                ))))
+                tracing::debug!(host = addr, error = %e, "cannot reach host");
+                return Local::Retry(version + 1);
             }
         };
-        let mut req = tonic::Request::new(ActorCall {
+        let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let call = ActorCall {
             actor_type: key.actor_type.clone(),
             actor_id: key.actor_id.clone(),
             path: path.to_string(),
             body: body.to_vec(),
             headers: to_wire(headers),
             table_version: version,
-        });
-        let left = deadline.saturating_duration_since(Instant::now());
-        req.set_timeout(left);
-        match client.call_actor(req).await {
-            Ok(reply) => match reply.into_inner().reply {
+            call_id: id,
+            timeout_ms: (left.as_millis() as u64).max(1),
+        };
+        let bytes = match frame(&call) {
+            Ok(b) => b,
+            Err(e) => return Local::Done(Err(CallError::invoke(e))),
+        };
+        let (tx, rx) = oneshot::channel();
+        lock(&conn.pending).insert(id, tx);
+        let _waiting = Waiting {
+            pending: &conn.pending,
+            id,
+        };
+        // The reader marks the connection broken before it drops the waiting calls' entries,
+        // so a call that sees it unbroken here hears of a break later through its entry.
+        // Either way, nothing of this call has been sent yet, so routing again is safe.
+        if conn.broken.load(Ordering::Acquire) || conn.frames.send(bytes).is_err() {
+            self.forget_conn(addr, &conn);
+            return Local::Retry(version + 1);
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(reply)) => match reply.reply {
                 Some(Reply::App(a)) => Local::Done(Ok(AppResponse {
                     status: StatusCode::from_u16(a.status as u16)
                         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -120,40 +353,34 @@ impl Peers {
                     "host {addr} sent an empty answer for actor {key}"
                 )))),
             },
-            // Nothing was sent: the owner is down or not listening. Placement will move its
-            // actors once its lease lapses; route again until then (bounded by the deadline).
-            Err(s) if s.code() == tonic::Code::Unavailable && !sent(&s) => {
-                self.forget(addr);
-                Local::Retry(version + 1)
-            }
-            Err(s) => {
-                // A call that timed out or broke in transport may have left the connection dead
-                // (a partition can black-hole a TCP connection, and nothing on it would ever
-                // answer again): dial afresh for the next call.
-                if matches!(
-                    s.code(),
-                    tonic::Code::DeadlineExceeded
-                        | tonic::Code::Cancelled
-                        | tonic::Code::Unavailable
-                        | tonic::Code::Unknown
-                        | tonic::Code::Internal
-                ) {
-                    self.forget(addr);
-                }
+            // The connection broke after the call was written: it may have run.
+            Ok(Err(_)) => {
+                self.forget_conn(addr, &conn);
                 Local::Done(Err(CallError::invoke(format!(
-                    "error invoking actor {key} on host {addr}: {}",
-                    s.message()
+                    "error invoking actor {key} on host {addr}: the connection closed before it answered"
+                ))))
+            }
+            Err(_) => {
+                // A partition can black-hole a connection, and nothing on it would ever answer
+                // again: the next call dials afresh (calls in flight keep this one until they end).
+                self.forget_conn(addr, &conn);
+                Local::Done(Err(CallError::invoke(format!(
+                    "error invoking actor {key} on host {addr}: timed out waiting for the answer"
                 ))))
             }
         }
     }
-}
 
-/// Whether a transport error may have happened after the request reached the other host
-/// (then retrying could run the call twice, so the caller gets the error instead).
-fn sent(s: &tonic::Status) -> bool {
-    let text = format!("{s:?}").to_ascii_lowercase();
-    !(text.contains("connect") || text.contains("refused") || text.contains("dns"))
+    fn forget_conn(&self, addr: &str, conn: &Arc<Conn>) {
+        let mut conns = lock(&self.conns);
+        if conns
+            .get(addr)
+            .and_then(|s| s.get())
+            .is_some_and(|c| Arc::ptr_eq(c, conn))
+        {
+            conns.remove(addr);
+        }
+    }
 }
 
 /// Error codes cross the wire as text; map them back to the static set we answer with.
@@ -173,94 +400,416 @@ fn known_code(code: &str) -> &'static str {
         .unwrap_or("ERR_ACTOR_INVOKE_METHOD")
 }
 
-/// The internal service: runs calls for actors this host owns.
-pub struct Service {
-    pub runtime: Arc<ActorRuntime>,
-}
-
-#[tonic::async_trait]
-impl ActorHost for Service {
-    async fn call_actor(
-        &self,
-        req: tonic::Request<ActorCall>,
-    ) -> Result<tonic::Response<ActorReply>, tonic::Status> {
-        let timeout = req
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .unwrap_or(self.runtime.cfg.call_timeout);
-        let call = req.into_inner();
-        let key = ActorKey::new(call.actor_type, call.actor_id);
-        let deadline = Instant::now() + timeout;
-        let outcome = self
-            .runtime
-            .call_local(
-                &key,
-                &call.path,
-                &from_wire(call.headers),
-                Bytes::from(call.body),
-                call.table_version,
-                None,
-                deadline,
-            )
-            .await;
-        let reply = match outcome {
-            Local::Retry(v) => Reply::WrongOwner(v.max(self.runtime.table_version())),
-            Local::Done(Ok(r)) => Reply::App(AppReply {
-                status: r.status.as_u16() as u32,
-                headers: to_wire(&r.headers),
-                body: r.body.to_vec(),
-            }),
-            Local::Done(Err(e)) => Reply::Error(WireError {
-                status: e.status.as_u16() as u32,
-                error_code: e.code.to_string(),
-                message: e.message,
-            }),
+/// Serves the internal port: every connection accepted on `listener` until `stop`.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    runtime: Arc<ActorRuntime>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => return,
         };
-        Ok(tonic::Response::new(ActorReply { reply: Some(reply) }))
+        match accepted {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_connection(stream, runtime.clone(), stop.clone()));
+            }
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "internal port: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
-/// gRPC's `grpc-timeout` header: an integer and a unit (H, M, S, m, u, n).
-fn parse_grpc_timeout(s: &str) -> Option<std::time::Duration> {
-    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    use std::time::Duration;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+/// Runs the calls another host sends on one connection, answering each as it ends. On `stop`
+/// it reads no more calls, answers those in flight, then closes.
+pub async fn serve_connection(
+    mut stream: impl Stream,
+    runtime: Arc<ActorRuntime>,
+    stop: CancellationToken,
+) {
+    let mut preface = [0u8; PREFACE.len()];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut preface));
+    if !matches!(read.await, Ok(Ok(_))) || &preface != PREFACE {
+        tracing::debug!("internal port: a connection did not open with the host preface");
+        return;
+    }
+    let (mut r, w) = tokio::io::split(stream);
+    let (answers, rx) = mpsc::unbounded_channel();
+    tokio::spawn(write_frames(w, rx));
+    let mut buf = BytesMut::new();
+    loop {
+        let call = tokio::select! {
+            c = read_frame::<ActorCall>(&mut r, &mut buf) => c,
+            () = stop.cancelled() => return,
+        };
+        let call = match call {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "internal port: closing a connection");
+                return;
+            }
+        };
+        let runtime = runtime.clone();
+        let answers = answers.clone();
+        tokio::spawn(async move {
+            let reply = run_call(&runtime, call).await;
+            match frame(&reply) {
+                Ok(bytes) => {
+                    let _ = answers.send(bytes);
+                }
+                Err(e) => {
+                    let error = ActorReply {
+                        call_id: reply.call_id,
+                        reply: Some(Reply::Error(WireError {
+                            status: 500,
+                            error_code: "ERR_ACTOR_INVOKE_METHOD".into(),
+                            message: e,
+                        })),
+                    };
+                    if let Ok(bytes) = frame(&error) {
+                        let _ = answers.send(bytes);
+                    }
+                }
+            }
+        });
+    }
 }
 
-/// The tonic service to mount on the internal port.
-pub fn service(runtime: Arc<ActorRuntime>) -> ActorHostServer<Service> {
-    ActorHostServer::new(Service { runtime })
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX)
+/// Runs one call for an actor this host owns (or answers with its table version if it does not).
+async fn run_call(runtime: &Arc<ActorRuntime>, call: ActorCall) -> ActorReply {
+    let timeout = match call.timeout_ms {
+        0 => runtime.cfg.call_timeout,
+        ms => Duration::from_millis(ms),
+    };
+    let key = ActorKey::new(call.actor_type, call.actor_id);
+    let outcome = runtime
+        .call_local(
+            &key,
+            &call.path,
+            &from_wire(call.headers),
+            Bytes::from(call.body),
+            call.table_version,
+            None,
+            Instant::now() + timeout,
+        )
+        .await;
+    let reply = match outcome {
+        Local::Retry(v) => Reply::WrongOwner(v.max(runtime.table_version())),
+        Local::Done(Ok(r)) => Reply::App(AppReply {
+            status: r.status.as_u16() as u32,
+            headers: to_wire(&r.headers),
+            body: r.body.to_vec(),
+        }),
+        Local::Done(Err(e)) => Reply::Error(WireError {
+            status: e.status.as_u16() as u32,
+            error_code: e.code.to_string(),
+            message: e.message,
+        }),
+    };
+    ActorReply {
+        call_id: call.call_id,
+        reply: Some(reply),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::DuplexStream;
 
-    #[test]
-    fn grpc_timeouts() {
+    fn call(id: u64, body: &[u8]) -> ActorCall {
+        ActorCall {
+            actor_type: "T".into(),
+            actor_id: format!("a{id}"),
+            path: "method/m".into(),
+            body: body.to_vec(),
+            headers: vec![Header {
+                name: "x-h".into(),
+                value: b"v".to_vec(),
+            }],
+            table_version: 3,
+            call_id: id,
+            timeout_ms: 1000,
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_survive_reads_split_anywhere() {
+        // An 7-byte pipe forces every frame to arrive in pieces.
+        let (mut w, mut r) = tokio::io::duplex(7);
+        let sent: Vec<ActorCall> = (1..=20)
+            .map(|i| call(i, &vec![i as u8; i as usize * 13]))
+            .collect();
+        let to_send = sent.clone();
+        let writer = tokio::spawn(async move {
+            for c in &to_send {
+                w.write_all(&frame(c).unwrap()).await.unwrap();
+            }
+        });
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        while let Some(c) = read_frame::<ActorCall>(&mut r, &mut buf).await.unwrap() {
+            got.push(c);
+        }
+        writer.await.unwrap();
+        assert_eq!(got, sent);
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_errors() {
+        let (mut w, mut r) = tokio::io::duplex(64);
+        w.write_all(&((MAX_FRAME as u32) + 1).to_be_bytes())
+            .await
+            .unwrap();
+        let e = read_frame::<ActorCall>(&mut r, &mut BytesMut::new())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+
+        let (mut w, mut r) = tokio::io::duplex(64);
+        let f = frame(&call(1, b"abc")).unwrap();
+        w.write_all(&f[..f.len() - 1]).await.unwrap();
+        drop(w);
+        let e = read_frame::<ActorCall>(&mut r, &mut BytesMut::new())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    proptest! {
+        /// Whatever bytes arrive, reading ends in messages, a clean end or an error, never a panic.
+        #[test]
+        fn reading_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let mut r = &bytes[..];
+                let mut buf = BytesMut::new();
+                for _ in 0..bytes.len() + 1 {
+                    match read_frame::<ActorCall>(&mut r, &mut buf).await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            });
+        }
+    }
+
+    /// A `Connect` handing out one end of an in-memory pipe per dial, the other end to the test.
+    fn pipes() -> (
+        Connect,
+        mpsc::UnboundedReceiver<DuplexStream>,
+        Arc<AtomicUsize>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let dials = Arc::new(AtomicUsize::new(0));
+        let counter = dials.clone();
+        let connect: Connect = Arc::new(move |_addr: String| {
+            let tx = tx.clone();
+            let counter = counter.clone();
+            Box::pin(async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let (ours, theirs) = tokio::io::duplex(1 << 16);
+                tx.send(theirs)
+                    .map_err(|_| io::Error::from(io::ErrorKind::ConnectionRefused))?;
+                Ok(Box::new(ours) as Box<dyn Stream>)
+            })
+        });
+        (connect, rx, dials)
+    }
+
+    async fn accept(server: &mut DuplexStream) {
+        let mut preface = [0u8; 8];
+        server.read_exact(&mut preface).await.unwrap();
+        assert_eq!(&preface, PREFACE);
+    }
+
+    fn answer(id: u64, body: &str) -> Bytes {
+        frame(&ActorReply {
+            call_id: id,
+            reply: Some(Reply::App(AppReply {
+                status: 200,
+                headers: vec![],
+                body: body.as_bytes().to_vec(),
+            })),
+        })
+        .unwrap()
+    }
+
+    fn body_of(outcome: Local) -> String {
+        match outcome {
+            Local::Done(Ok(r)) => String::from_utf8(r.body.to_vec()).unwrap(),
+            Local::Done(Err(e)) => panic!("error: {}", e.message),
+            Local::Retry(v) => panic!("retry {v}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_share_a_connection_and_get_their_own_answers() {
+        let (connect, mut dialed, dials) = pipes();
+        let peers = Arc::new(Peers::new(connect));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let call_one = |id: &'static str| {
+            let peers = peers.clone();
+            tokio::spawn(async move {
+                peers
+                    .call(
+                        "h:1",
+                        &ActorKey::new("T", id),
+                        "method/m",
+                        &HeaderMap::new(),
+                        Bytes::from_static(b"x"),
+                        7,
+                        deadline,
+                    )
+                    .await
+            })
+        };
+        let first = call_one("a");
+        let second = call_one("b");
+        let mut server = dialed.recv().await.unwrap();
+        accept(&mut server).await;
+        let mut buf = BytesMut::new();
+        let c1 = read_frame::<ActorCall>(&mut server, &mut buf)
+            .await
+            .unwrap()
+            .unwrap();
+        let c2 = read_frame::<ActorCall>(&mut server, &mut buf)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c1.table_version, 7);
+        assert!(c1.timeout_ms > 0 && c1.timeout_ms <= 5000);
+        // Answer in the opposite order: each caller must still get its own.
+        for c in [&c2, &c1] {
+            server
+                .write_all(&answer(c.call_id, &c.actor_id))
+                .await
+                .unwrap();
+        }
+        assert_eq!(body_of(first.await.unwrap()), "a");
+        assert_eq!(body_of(second.await.unwrap()), "b");
         assert_eq!(
-            parse_grpc_timeout("150m"),
-            Some(std::time::Duration::from_millis(150))
+            dials.load(Ordering::SeqCst),
+            1,
+            "both calls used one connection"
         );
-        assert_eq!(
-            parse_grpc_timeout("2S"),
-            Some(std::time::Duration::from_secs(2))
+    }
+
+    #[tokio::test]
+    async fn a_broken_connection_fails_the_waiting_call_and_is_dialed_again() {
+        let (connect, mut dialed, dials) = pipes();
+        let peers = Arc::new(Peers::new(connect));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let key = ActorKey::new("T", "a");
+        let waiting = {
+            let peers = peers.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                peers
+                    .call(
+                        "h:1",
+                        &key,
+                        "method/m",
+                        &HeaderMap::new(),
+                        Bytes::new(),
+                        1,
+                        deadline,
+                    )
+                    .await
+            })
+        };
+        let mut server = dialed.recv().await.unwrap();
+        accept(&mut server).await;
+        read_frame::<ActorCall>(&mut server, &mut BytesMut::new())
+            .await
+            .unwrap()
+            .unwrap();
+        // The owner goes away after reading the call: it may have run, so no retry.
+        drop(server);
+        match waiting.await.unwrap() {
+            Local::Done(Err(e)) => assert!(e.message.contains("closed"), "{}", e.message),
+            _ => panic!("expected an error"),
+        }
+        let again = {
+            let peers = peers.clone();
+            tokio::spawn(async move {
+                peers
+                    .call(
+                        "h:1",
+                        &key,
+                        "method/m",
+                        &HeaderMap::new(),
+                        Bytes::new(),
+                        1,
+                        deadline,
+                    )
+                    .await
+            })
+        };
+        let mut server = dialed.recv().await.unwrap();
+        accept(&mut server).await;
+        let c = read_frame::<ActorCall>(&mut server, &mut BytesMut::new())
+            .await
+            .unwrap()
+            .unwrap();
+        server.write_all(&answer(c.call_id, "ok")).await.unwrap();
+        assert_eq!(body_of(again.await.unwrap()), "ok");
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_host_means_route_again() {
+        let connect: Connect =
+            Arc::new(|_| Box::pin(async { Err(io::ErrorKind::ConnectionRefused.into()) }));
+        let peers = Peers::new(connect);
+        let outcome = peers
+            .call(
+                "h:1",
+                &ActorKey::new("T", "a"),
+                "method/m",
+                &HeaderMap::new(),
+                Bytes::new(),
+                4,
+                Instant::now() + Duration::from_secs(1),
+            )
+            .await;
+        assert!(matches!(outcome, Local::Retry(5)));
+    }
+
+    #[tokio::test]
+    async fn a_call_nobody_answers_times_out_and_the_next_dials_afresh() {
+        let (connect, mut dialed, dials) = pipes();
+        let peers = Peers::new(connect);
+        let key = ActorKey::new("T", "a");
+        let outcome = peers
+            .call(
+                "h:1",
+                &key,
+                "method/m",
+                &HeaderMap::new(),
+                Bytes::new(),
+                1,
+                Instant::now() + Duration::from_millis(200),
+            )
+            .await;
+        match outcome {
+            Local::Done(Err(e)) => assert!(e.message.contains("timed out"), "{}", e.message),
+            _ => panic!("expected a timeout"),
+        }
+        let _black_hole = dialed.recv().await.unwrap();
+        assert!(
+            peers.conns.lock().unwrap().is_empty(),
+            "forgotten after the timeout"
         );
-        assert_eq!(parse_grpc_timeout("x"), None);
-        assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(dials.load(Ordering::SeqCst), 1);
     }
 
     #[test]
