@@ -6,7 +6,7 @@
 //! second one chained in front of it (the floor for two hops), a standalone host (embedded
 //! placement, sled actor store), and a cluster of a `tessera placement` replica, host A (with the
 //! app, Redis actor store) and host B (no app, so it hosts no actor type and every call through
-//! it goes to A over the internal gRPC service). The load generator runs in this process: one
+//! it goes to A over the internal host-to-host port). The load generator runs in this process: one
 //! HTTP/1.1 keep-alive connection per worker, fixed concurrency.
 
 use std::convert::Infallible;

@@ -20,7 +20,7 @@
 //! `SIM_SEED=<seed>` replays it event for event; `tests/determinism.rs` checks that.
 //!
 //! [`actor_sim::run`] simulates 3 placement replicas and 4 actor hosts, each a real
-//! `ActorRuntime` with its internal gRPC service, an in-process app (a `Counter` actor whose turn
+//! `ActorRuntime` with its internal port, an in-process app (a `Counter` actor whose turn
 //! reads and writes its count through the runtime's fenced state API) and one shared in-memory
 //! state store standing for Redis ([`mem_store`]). Workers in every host call 12 actors, skewed
 //! towards a few hot ones. Faults, from the seed: host crashes (restarted with a new address, as
