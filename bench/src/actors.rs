@@ -2,8 +2,9 @@
 //! run the same load through a minimal reverse proxy in front of the same app (the floor for one
 //! sidecar hop), plus first-call vs warm-call latency and the cost of 100,000 activations.
 //!
-//! Processes (all on loopback): the no-op app (`bench noop-app`), one proxy (`bench proxy`) and a
-//! second one chained in front of it (the floor for two hops), a standalone host (embedded
+//! Processes (all on loopback): the no-op app (`bench noop-app`), one proxy (`bench proxy`), the
+//! same proxy on one worker thread (the floor is the better of the two, per measure: the sidecar
+//! runs on half the cores), a second proxy chained in front of the first (the floor for two hops), a standalone host (embedded
 //! placement, sled actor store), and a cluster of a `tessera placement` replica, host A (with the
 //! app, Redis actor store) and host B (no app, so it hosts no actor type and every call through
 //! it goes to A over the internal host-to-host port). The load generator runs in this process: one
@@ -671,6 +672,15 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         .args(["--upstream", &format!("127.0.0.1:{app_port}")]);
     let proxy = Proc::spawn("proxy", cmd, d)?;
     wait_port(proxy_port, &proxy).await?;
+    // The same proxy on one worker thread: the sidecar runs on half the cores (one here), so
+    // the floor is whichever proxy configuration does better.
+    let proxy1_port = free_port();
+    let mut cmd = Command::new(&me);
+    cmd.args(["proxy", "--port", &proxy1_port.to_string()])
+        .args(["--upstream", &format!("127.0.0.1:{app_port}")])
+        .env("TOKIO_WORKER_THREADS", "1");
+    let proxy1 = Proc::spawn("proxy-1-thread", cmd, d)?;
+    wait_port(proxy1_port, &proxy1).await?;
     let chain_port = free_port();
     let mut cmd = Command::new(&me);
     cmd.args(["proxy", "--port", &chain_port.to_string()])
@@ -716,9 +726,15 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
 
     let targets = [
         Target {
-            label: "proxy, 1 hop (floor)",
+            label: "proxy, 1 hop",
             port: proxy_port,
             pids: vec![proxy.pid()],
+            tessera: false,
+        },
+        Target {
+            label: "proxy, 1 hop, 1 worker thread",
+            port: proxy1_port,
+            pids: vec![proxy1.pid()],
             tessera: false,
         },
         Target {
@@ -779,10 +795,12 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let mut verdict = Verdict { rows: vec![] };
     let mut two_hops = vec![];
     for (ci, &c) in o.concurrency.iter().enumerate() {
-        let floor = &samples[ci][0];
+        // The floor: the better of the two proxy configurations, per measure.
+        let floor_rate = samples[ci][0].rate().max(samples[ci][1].rate());
+        let floor_p50 = samples[ci][0].pct_us(0.5).min(samples[ci][1].pct_us(0.5));
         // A remote call crosses two sidecars: the two-proxy chain is its floor (reported beside
         // the targets, which compare every path with one proxy hop).
-        let (chain, remote) = (&samples[ci][1], &samples[ci][4]);
+        let (chain, remote) = (&samples[ci][2], &samples[ci][5]);
         two_hops.push(format!(
             "| remote owner vs proxy chain (both two hops), c={c} | {:.2}x calls/s, p50 {:.2}x |",
             remote.rate() / chain.rate(),
@@ -790,7 +808,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         ));
         for (ti, t) in targets.iter().enumerate() {
             let s = &samples[ci][ti];
-            let (rr, pr) = (s.rate() / floor.rate(), s.pct_us(0.5) / floor.pct_us(0.5));
+            let (rr, pr) = (s.rate() / floor_rate, s.pct_us(0.5) / floor_p50);
             let (hop, sys, appc, gen) = s.cpu_per_call();
             out.push(format!(
                 "| {} | {c} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {hop:.1} ({sys:.1}) | {appc:.1} | {gen:.1} | {} |",
@@ -805,18 +823,13 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             if t.tessera {
                 verdict.add(
                     &format!("≥ 0.8x proxy calls/s: {}, c={c}", t.label),
-                    format!("{:.2}x ({:.0} vs {:.0}/s)", rr, s.rate(), floor.rate()),
+                    format!("{:.2}x ({:.0} vs {:.0}/s)", rr, s.rate(), floor_rate),
                     rr >= 0.8,
                 );
                 if c == 1 {
                     verdict.add(
                         &format!("p50 ≤ 1.3x proxy at c=1: {}", t.label),
-                        format!(
-                            "{:.2}x ({:.0} vs {:.0} µs)",
-                            pr,
-                            s.pct_us(0.5),
-                            floor.pct_us(0.5)
-                        ),
+                        format!("{:.2}x ({:.0} vs {:.0} µs)", pr, s.pct_us(0.5), floor_p50),
                         pr <= 1.3,
                     );
                 }
