@@ -194,7 +194,7 @@ impl Conn {
                 let end = loop {
                     match read_frame::<ActorReply>(&mut r, &mut buf).await {
                         Ok(Some(reply)) => {
-                            let waiter = lock(&pending).remove(&reply.call_id);
+                            let waiter = pending.lock().expect("lock").remove(&reply.call_id);
                             if let Some(tx) = waiter {
                                 let _ = tx.send(reply);
                             }
@@ -208,7 +208,7 @@ impl Conn {
                     tracing::debug!(host = %addr, error = %e, "connection to host ended");
                 }
                 // Every call still waiting learns that its answer will not come.
-                lock(&pending).clear();
+                pending.lock().expect("lock").clear();
             });
         }
         Ok(Arc::new(Conn {
@@ -220,10 +220,6 @@ impl Conn {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Removes a call's entry if it ends without an answer (timed out, or its caller went away).
 struct Waiting<'a> {
     pending: &'a Pending,
@@ -232,7 +228,7 @@ struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        lock(self.pending).remove(&self.id);
+        self.pending.lock().expect("lock").remove(&self.id);
     }
 }
 
@@ -253,7 +249,10 @@ impl Peers {
     }
 
     async fn conn(&self, addr: &str) -> io::Result<Arc<Conn>> {
-        let slot = lock(&self.conns)
+        let slot = self
+            .conns
+            .lock()
+            .expect("lock")
             .entry(addr.to_string())
             .or_default()
             .clone();
@@ -279,7 +278,7 @@ impl Peers {
     /// Drops the connection in `slot` so the next call dials afresh (unless another call has
     /// already put a new one in its place).
     fn forget(&self, addr: &str, slot: &Slot) {
-        let mut conns = lock(&self.conns);
+        let mut conns = self.conns.lock().expect("lock");
         if conns.get(addr).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             conns.remove(addr);
         }
@@ -322,7 +321,7 @@ impl Peers {
             Err(e) => return Local::Done(Err(CallError::invoke(e))),
         };
         let (tx, rx) = oneshot::channel();
-        lock(&conn.pending).insert(id, tx);
+        conn.pending.lock().expect("lock").insert(id, tx);
         let _waiting = Waiting {
             pending: &conn.pending,
             id,
@@ -372,7 +371,7 @@ impl Peers {
     }
 
     fn forget_conn(&self, addr: &str, conn: &Arc<Conn>) {
-        let mut conns = lock(&self.conns);
+        let mut conns = self.conns.lock().expect("lock");
         if conns
             .get(addr)
             .and_then(|s| s.get())
@@ -643,6 +642,28 @@ mod tests {
         .unwrap()
     }
 
+    /// Calls actor `T/{id}` on host `h:1` (table version 7) in a task of its own.
+    fn spawn_call(
+        peers: &Arc<Peers>,
+        id: &'static str,
+        deadline: Instant,
+    ) -> tokio::task::JoinHandle<Local> {
+        let peers = peers.clone();
+        tokio::spawn(async move {
+            peers
+                .call(
+                    "h:1",
+                    &ActorKey::new("T", id),
+                    "method/m",
+                    &HeaderMap::new(),
+                    Bytes::from_static(b"x"),
+                    7,
+                    deadline,
+                )
+                .await
+        })
+    }
+
     fn body_of(outcome: Local) -> String {
         match outcome {
             Local::Done(Ok(r)) => String::from_utf8(r.body.to_vec()).unwrap(),
@@ -656,24 +677,8 @@ mod tests {
         let (connect, mut dialed, dials) = pipes();
         let peers = Arc::new(Peers::new(connect));
         let deadline = Instant::now() + Duration::from_secs(5);
-        let call_one = |id: &'static str| {
-            let peers = peers.clone();
-            tokio::spawn(async move {
-                peers
-                    .call(
-                        "h:1",
-                        &ActorKey::new("T", id),
-                        "method/m",
-                        &HeaderMap::new(),
-                        Bytes::from_static(b"x"),
-                        7,
-                        deadline,
-                    )
-                    .await
-            })
-        };
-        let first = call_one("a");
-        let second = call_one("b");
+        let first = spawn_call(&peers, "a", deadline);
+        let second = spawn_call(&peers, "b", deadline);
         let mut server = dialed.recv().await.unwrap();
         accept(&mut server).await;
         let mut buf = BytesMut::new();
@@ -708,24 +713,7 @@ mod tests {
         let (connect, mut dialed, dials) = pipes();
         let peers = Arc::new(Peers::new(connect));
         let deadline = Instant::now() + Duration::from_secs(5);
-        let key = ActorKey::new("T", "a");
-        let waiting = {
-            let peers = peers.clone();
-            let key = key.clone();
-            tokio::spawn(async move {
-                peers
-                    .call(
-                        "h:1",
-                        &key,
-                        "method/m",
-                        &HeaderMap::new(),
-                        Bytes::new(),
-                        1,
-                        deadline,
-                    )
-                    .await
-            })
-        };
+        let waiting = spawn_call(&peers, "a", deadline);
         let mut server = dialed.recv().await.unwrap();
         accept(&mut server).await;
         read_frame::<ActorCall>(&mut server, &mut BytesMut::new())
@@ -738,22 +726,7 @@ mod tests {
             Local::Done(Err(e)) => assert!(e.message.contains("closed"), "{}", e.message),
             _ => panic!("expected an error"),
         }
-        let again = {
-            let peers = peers.clone();
-            tokio::spawn(async move {
-                peers
-                    .call(
-                        "h:1",
-                        &key,
-                        "method/m",
-                        &HeaderMap::new(),
-                        Bytes::new(),
-                        1,
-                        deadline,
-                    )
-                    .await
-            })
-        };
+        let again = spawn_call(&peers, "a", deadline);
         let mut server = dialed.recv().await.unwrap();
         accept(&mut server).await;
         let c = read_frame::<ActorCall>(&mut server, &mut BytesMut::new())
