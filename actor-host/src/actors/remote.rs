@@ -43,7 +43,7 @@ pub type Connect = Arc<
         + Sync,
 >;
 
-/// Connects over TCP (no Nagle: calls are small and latency-bound).
+/// Connects over TCP ([`tune`]d).
 pub fn tcp() -> Connect {
     Arc::new(|addr: String| {
         Box::pin(async move {
@@ -53,10 +53,22 @@ pub fn tcp() -> Connect {
             )
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-            s.set_nodelay(true)?;
+            tune(&s)?;
             Ok(Box::new(s) as Box<dyn Stream>)
         })
     })
+}
+
+/// No Nagle (calls are small and latency-bound), and TCP keepalive, so that either side finds
+/// out within about 25 s that a peer vanished without closing (a partition, a machine gone):
+/// the caller redials, and the owner lets go of the connection's task and socket.
+fn tune(s: &tokio::net::TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    socket2::SockRef::from(s).set_tcp_keepalive(&keepalive)
 }
 
 /// The first bytes a caller sends on a new connection.
@@ -412,7 +424,9 @@ pub async fn serve_tcp(
         };
         match accepted {
             Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
+                if let Err(e) = tune(&stream) {
+                    tracing::debug!(error = %e, "internal port: cannot set socket options");
+                }
                 tokio::spawn(serve_connection(stream, runtime.clone(), stop.clone()));
             }
             Err(e) => {
@@ -736,6 +750,24 @@ mod tests {
         server.write_all(&answer(c.call_id, "ok")).await.unwrap();
         assert_eq!(body_of(again.await.unwrap()), "ok");
         assert_eq!(dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn connections_between_hosts_have_keepalive_and_no_nagle() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        tune(&s).unwrap();
+        let sock = socket2::SockRef::from(&s);
+        assert!(s.nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(10));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(5)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 3);
     }
 
     #[tokio::test]
