@@ -3,8 +3,8 @@
 //! sidecar hop), plus first-call vs warm-call latency and the cost of 100,000 activations.
 //!
 //! Processes (all on loopback): the no-op app (`bench noop-app`), one proxy (`bench proxy`), the
-//! same proxy on one worker thread (the floor is the better of the two, per measure: the sidecar
-//! runs on half the cores), a second proxy chained in front of the first (the floor for two hops), a standalone host (embedded
+//! same proxy on one worker thread (the floor is the better of the two, per measure), a second
+//! proxy chained in front of the first (the floor for two hops), a standalone host (embedded
 //! placement, sled actor store), and a cluster of a `tessera placement` replica, host A (with the
 //! app, Redis actor store) and host B (no app, so it hosts no actor type and every call through
 //! it goes to A over the internal host-to-host port). The load generator runs in this process: one
@@ -672,8 +672,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         .args(["--upstream", &format!("127.0.0.1:{app_port}")]);
     let proxy = Proc::spawn("proxy", cmd, d)?;
     wait_port(proxy_port, &proxy).await?;
-    // The same proxy on one worker thread: the sidecar runs on half the cores (one here), so
-    // the floor is whichever proxy configuration does better.
+    // The same proxy on one worker thread: on two cores shared with the app and the load
+    // generator it is often the faster configuration, and the floor is the cheapest hop.
     let proxy1_port = free_port();
     let mut cmd = Command::new(&me);
     cmd.args(["proxy", "--port", &proxy1_port.to_string()])
