@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use actor_host::actors::remote;
 use hyper_util::rt::TokioIo;
 use placement::network::Dial;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -32,16 +33,11 @@ pub fn dial() -> Dial {
 }
 
 /// Opens simulated connections to other actor hosts' internal ports.
-pub fn connect() -> actor_host::actors::remote::Connect {
+pub fn connect() -> remote::Connect {
     Arc::new(|addr: String| {
         Box::pin(async move {
-            let s = tokio::time::timeout(
-                Duration::from_millis(500),
-                turmoil::net::TcpStream::connect(addr),
-            )
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-            Ok(Box::new(s) as Box<dyn actor_host::actors::remote::Stream>)
+            let s = remote::within_connect_timeout(turmoil::net::TcpStream::connect(addr)).await?;
+            Ok(Box::new(s) as Box<dyn remote::Stream>)
         })
     })
 }

@@ -47,16 +47,20 @@ pub type Connect = Arc<
 pub fn tcp() -> Connect {
     Arc::new(|addr: String| {
         Box::pin(async move {
-            let s = tokio::time::timeout(
-                Duration::from_millis(500),
-                tokio::net::TcpStream::connect(&addr),
-            )
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            let s = within_connect_timeout(tokio::net::TcpStream::connect(&addr)).await?;
             tune(&s)?;
             Ok(Box::new(s) as Box<dyn Stream>)
         })
     })
+}
+
+/// Bounds a connection attempt (500 ms): a host that cannot be reached is routed around.
+pub async fn within_connect_timeout<S>(
+    connecting: impl Future<Output = io::Result<S>>,
+) -> io::Result<S> {
+    tokio::time::timeout(Duration::from_millis(500), connecting)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// No Nagle (calls are small and latency-bound), and TCP keepalive, so that either side finds
@@ -260,7 +264,8 @@ impl Peers {
         }
     }
 
-    async fn conn(&self, addr: &str) -> io::Result<Arc<Conn>> {
+    /// The connection to `addr` (dialed if there is none) and the cache slot holding it.
+    async fn conn(&self, addr: &str) -> io::Result<(Slot, Arc<Conn>)> {
         let slot = self
             .conns
             .lock()
@@ -272,7 +277,10 @@ impl Peers {
             .get_or_try_init(|| Conn::open(&self.connect, addr))
             .await;
         match conn {
-            Ok(c) if !c.broken.load(Ordering::Acquire) => Ok(c.clone()),
+            Ok(c) if !c.broken.load(Ordering::Acquire) => {
+                let c = c.clone();
+                Ok((slot, c))
+            }
             Ok(_) => {
                 self.forget(addr, &slot);
                 Err(io::Error::new(
@@ -307,7 +315,7 @@ impl Peers {
         version: u64,
         deadline: Instant,
     ) -> Local {
-        let conn = match self.conn(addr).await {
+        let (slot, conn) = match self.conn(addr).await {
             Ok(c) => c,
             // Nothing was sent: the owner is down or not listening. Placement will move its
             // actors once its lease lapses; route again until then (bounded by the deadline).
@@ -342,7 +350,7 @@ impl Peers {
         // so a call that sees it unbroken here hears of a break later through its entry.
         // Either way, nothing of this call has been sent yet, so routing again is safe.
         if conn.broken.load(Ordering::Acquire) || conn.frames.send(bytes).is_err() {
-            self.forget_conn(addr, &conn);
+            self.forget(addr, &slot);
             return Local::Retry(version + 1);
         }
         match tokio::time::timeout_at(deadline, rx).await {
@@ -366,7 +374,7 @@ impl Peers {
             },
             // The connection broke after the call was written: it may have run.
             Ok(Err(_)) => {
-                self.forget_conn(addr, &conn);
+                self.forget(addr, &slot);
                 Local::Done(Err(CallError::invoke(format!(
                     "error invoking actor {key} on host {addr}: the connection closed before it answered"
                 ))))
@@ -374,22 +382,11 @@ impl Peers {
             Err(_) => {
                 // A partition can black-hole a connection, and nothing on it would ever answer
                 // again: the next call dials afresh (calls in flight keep this one until they end).
-                self.forget_conn(addr, &conn);
+                self.forget(addr, &slot);
                 Local::Done(Err(CallError::invoke(format!(
                     "error invoking actor {key} on host {addr}: timed out waiting for the answer"
                 ))))
             }
-        }
-    }
-
-    fn forget_conn(&self, addr: &str, conn: &Arc<Conn>) {
-        let mut conns = self.conns.lock().expect("lock");
-        if conns
-            .get(addr)
-            .and_then(|s| s.get())
-            .is_some_and(|c| Arc::ptr_eq(c, conn))
-        {
-            conns.remove(addr);
         }
     }
 }
