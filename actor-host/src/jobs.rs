@@ -30,6 +30,7 @@ use scheduler::job::{
 use scheduler::store::{JobStore, StoreError};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::actors::activation::ActorKey;
 use crate::actors::app_channel::{AppChannel, AppRequest};
@@ -180,10 +181,47 @@ pub fn start(
     }
     std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend(e.to_string()))?;
     let store = Arc::new(JobStore::open(dir)?);
+    let sink = Arc::new(OnRuntime {
+        sink,
+        runtime: tokio::runtime::Handle::current(),
+    });
     let engine = Engine::new(store, Arc::new(SystemClock), sink, EngineConfig::default());
     let handle = engine.handle();
-    tokio::spawn(engine.run(async move { stop.cancelled().await }));
+    // The trigger loop and its store work run on a thread of their own, beside the host's
+    // workers; the deliveries run on the host's runtime (`OnRuntime`).
+    let engine_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Thread)?;
+    std::thread::Builder::new()
+        .name("tessera-jobs".into())
+        .spawn(move || engine_runtime.block_on(engine.run(async move { stop.cancelled().await })))
+        .map_err(StartError::Thread)?;
     Ok(Arc::new(handle))
+}
+
+/// Runs each delivery of the embedded engine on the host's runtime, where the app channel and
+/// the actors live, so the engine's own thread only walks the due index and writes the store.
+/// A delivery the engine abandons (at shutdown) is aborted, as it would be on the engine's side.
+struct OnRuntime<S> {
+    sink: Arc<S>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<S: Sink> Sink for OnRuntime<S> {
+    fn deliver(
+        &self,
+        tick: Tick,
+    ) -> impl std::future::Future<Output = Result<Delivered, DeliveryError>> + Send + 'static {
+        let task = AbortOnDropHandle::new(self.runtime.spawn(self.sink.deliver(tick)));
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(DeliveryError::Failed(format!(
+                    "the delivery task ended: {e}"
+                )))
+            })
+        }
+    }
 }
 
 /// Why the jobs backend did not start.
@@ -193,6 +231,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("scheduler client: {0}")]
     Remote(String),
+    #[error("cannot start the jobs thread: {0}")]
+    Thread(std::io::Error),
 }
 
 fn backend_error(code: &'static str, e: BackendError) -> ApiError {
@@ -382,6 +422,92 @@ pub async fn reminder(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reports the thread each delivery runs on, then waits for `release` (never, if dropped).
+    struct ThreadSink {
+        ran_on: tokio::sync::mpsc::UnboundedSender<Option<String>>,
+        release: Arc<tokio::sync::Notify>,
+    }
+
+    impl Sink for ThreadSink {
+        fn deliver(
+            &self,
+            _tick: Tick,
+        ) -> impl std::future::Future<Output = Result<Delivered, DeliveryError>> + Send + 'static
+        {
+            let ran_on = self.ran_on.clone();
+            let release = self.release.clone();
+            async move {
+                let _ = ran_on.send(std::thread::current().name().map(str::to_owned));
+                release.notified().await;
+                Ok(Delivered { epoch: Some(7) })
+            }
+        }
+    }
+
+    fn tick() -> Tick {
+        Tick {
+            key: JobKey::app("default", "a", "j"),
+            name: "j".into(),
+            target: Target::App {
+                app_id: "a".into(),
+                namespace: "default".into(),
+            },
+            data: Arc::from(&b""[..]),
+            generation: 1,
+            scheduled: Utc::now(),
+            missed: 0,
+            attempt: 0,
+            sequence: 1,
+            spec: Arc::new(JobSpec::default()),
+        }
+    }
+
+    #[tokio::test]
+    async fn deliveries_run_on_the_given_runtime_and_die_with_their_future() {
+        let host = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("host-runtime")
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, mut ran_on) = tokio::sync::mpsc::unbounded_channel();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let sink = OnRuntime {
+            sink: Arc::new(ThreadSink {
+                ran_on: tx,
+                release: release.clone(),
+            }),
+            runtime: host.handle().clone(),
+        };
+
+        // A delivery runs on the host's runtime, and its result comes back to the caller.
+        let delivery = tokio::spawn(sink.deliver(tick()));
+        assert_eq!(
+            ran_on.recv().await.unwrap().as_deref(),
+            Some("host-runtime")
+        );
+        release.notify_one();
+        assert_eq!(delivery.await.unwrap(), Ok(Delivered { epoch: Some(7) }));
+
+        // A delivery whose future is dropped (the engine abandoning it) stops on the host too:
+        // its task is gone, so `release` finds nobody waiting and keeps its permit.
+        let abandoned = tokio::spawn(sink.deliver(tick()));
+        assert_eq!(
+            ran_on.recv().await.unwrap().as_deref(),
+            Some("host-runtime")
+        );
+        abandoned.abort();
+        let _ = abandoned.await;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while host.metrics().num_alive_tasks() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the abandoned delivery was aborted on the host runtime");
+        host.shutdown_background();
+    }
 
     #[test]
     fn reminder_bodies_match_the_json_object() {

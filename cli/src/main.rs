@@ -43,6 +43,10 @@ enum Command {
         command: Vec<String>,
     },
     /// Start the sidecar alone (like `daprd`), for an app started some other way.
+    ///
+    /// The sidecar shares the machine with its app, so it runs half as many worker threads as
+    /// there are cores (at least 1; also under `tessera run`). TOKIO_WORKER_THREADS=N sets
+    /// another number.
     Host {
         #[command(flatten)]
         host: HostArgs,
@@ -504,13 +508,41 @@ async fn signal() {
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = sidecar_workers(&cli.command, std::env::var_os("TOKIO_WORKER_THREADS")) {
+        runtime.worker_threads(n);
+    }
+    match runtime.build() {
+        Ok(rt) => rt.block_on(async_main(cli)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// Worker threads for a sidecar (`run`, `host`) unless `TOKIO_WORKER_THREADS` says otherwise:
+/// half the cores, at least 1. A sidecar shares its machine with the app it serves, and on two
+/// cores a second worker mostly adds cross-thread wake-ups (docs/BENCHMARKS.md, actors: 21 µs of
+/// host CPU per call with one worker against 27 µs with two). The embedded scheduler's trigger
+/// loop has a thread of its own besides (`actor_host::jobs::start`). Placement and the scheduler
+/// service keep tokio's default of one per core.
+fn sidecar_workers(command: &Command, env: Option<std::ffi::OsString>) -> Option<usize> {
+    if env.is_some() || !matches!(command, Command::Run { .. } | Command::Host { .. }) {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / 2).max(1))
+}
+
+async fn async_main(cli: Cli) -> std::process::ExitCode {
     if let Err(e) = install_signal_handlers() {
         eprintln!("error: cannot install signal handlers: {e}");
         return std::process::ExitCode::from(1);
     }
-    let cli = Cli::parse();
     let level = match &cli.command {
         Command::Run { host, .. } | Command::Host { host } => host.log_level.clone(),
         Command::Placement(p) => p.log_level.clone(),
@@ -590,6 +622,19 @@ mod tests {
         assert_eq!(parse_quantity("1024").unwrap(), 1024);
         assert!(parse_quantity("4Xi").is_err());
         assert!(parse_quantity("Mi").is_err());
+    }
+
+    #[test]
+    fn sidecars_take_half_the_cores_unless_told() {
+        let host = Cli::try_parse_from(["tessera", "host", "--app-id", "a"]).unwrap();
+        let placement = Cli::try_parse_from(["tessera", "placement"]).unwrap();
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(
+            sidecar_workers(&host.command, None),
+            Some((cores / 2).max(1))
+        );
+        assert_eq!(sidecar_workers(&host.command, Some("3".into())), None);
+        assert_eq!(sidecar_workers(&placement.command, None), None);
     }
 
     #[test]
