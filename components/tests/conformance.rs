@@ -463,6 +463,10 @@ async fn fencing_rejects_older_epochs(store: Arc<dyn StateStore>, p: &str) {
         .await
         .unwrap();
     fenced_transact(&*store, &fence, 7, vec![]).await.unwrap();
+    // Claiming again under the epoch the fence holds writes nothing (the etag stays).
+    let held = store.get(&fence).await.unwrap().unwrap().etag;
+    fenced_transact(&*store, &fence, 7, vec![]).await.unwrap();
+    assert_eq!(store.get(&fence).await.unwrap().unwrap().etag, held);
     match fenced_transact(&*store, &fence, 5, vec![Op::Set(set(&k, "stale"))]).await {
         Err(FenceError::Stale { ours: 5, stored: 7 }) => {}
         other => panic!("expected a stale rejection, got {other:?}"),

@@ -36,7 +36,8 @@ fn parse_epoch(key: &str, value: &Bytes) -> Result<u64, StateError> {
 }
 
 /// Commits `ops` atomically if no epoch newer than `epoch` has written under `fence_key`.
-/// With no `ops` it only claims the fence (an activation does this before its first read).
+/// With no `ops` it only claims the fence (an activation does this before its first read), and
+/// writes nothing if the fence already holds `epoch`.
 pub async fn fenced_transact(
     store: &dyn StateStore,
     fence_key: &str,
@@ -54,6 +55,11 @@ pub async fn fenced_transact(
                         ours: epoch,
                         stored,
                     });
+                }
+                // A claim the store already holds (an actor activated again under the same
+                // epoch) has nothing to write: skip the durable write it would cost.
+                if stored == epoch && ops.is_empty() {
+                    return Ok(());
                 }
                 Some(item.etag.clone())
             }
