@@ -135,6 +135,11 @@ async fn read_frame<M: Message + Default>(
 async fn write_frames(mut w: impl AsyncWrite + Unpin, mut rx: mpsc::UnboundedReceiver<Bytes>) {
     let mut batch = BytesMut::new();
     while let Some(first) = rx.recv().await {
+        // The first frame woke this task at once (tokio runs a task just woken next), before the
+        // other calls that are ready this tick could queue theirs. Yielding lets them, so that
+        // under load one system call carries many frames instead of one each; when nothing else
+        // is ready it costs one pass of the scheduler.
+        tokio::task::yield_now().await;
         let result = if let Ok(second) = rx.try_recv() {
             batch.extend_from_slice(&first);
             batch.extend_from_slice(&second);
@@ -549,6 +554,60 @@ mod tests {
             call_id: id,
             timeout_ms: 1000,
         }
+    }
+
+    /// Records the size of every write it is given.
+    struct CountingWriter(Arc<Mutex<Vec<usize>>>);
+
+    impl AsyncWrite for CountingWriter {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push(buf.len());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    // The sidecar's runtime: one worker, where a task just woken runs next.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn frames_queued_in_one_tick_share_a_write() {
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_frames(CountingWriter(writes.clone()), rx));
+        tokio::task::yield_now().await; // the writer now waits on the channel
+        let senders: Vec<_> = (0..10u64)
+            .map(|i| {
+                let tx = tx.clone();
+                tokio::spawn(async move { tx.send(frame(&call(i, b"x")).unwrap()).unwrap() })
+            })
+            .collect();
+        for s in senders {
+            s.await.unwrap();
+        }
+        drop(tx);
+        writer.await.unwrap();
+        let writes = writes.lock().unwrap().clone();
+        let all: usize = (0..10).map(|i| frame(&call(i, b"x")).unwrap().len()).sum();
+        assert_eq!(writes.iter().sum::<usize>(), all);
+        assert!(
+            writes.len() <= 2,
+            "10 frames took {} writes: {writes:?}",
+            writes.len()
+        );
     }
 
     #[tokio::test]
