@@ -81,6 +81,9 @@ const PREFACE: &[u8; 8] = b"TSRLANE1";
 const MAX_FRAME: usize = 512 << 20;
 /// A writer task writes at most this much per system call when frames queue up.
 const WRITE_BATCH: usize = 256 << 10;
+/// A frame queued within this long of the previous write waits for the rest of its scheduler
+/// tick, to share a write with them; one that comes later goes out at once.
+const BATCH_WINDOW: Duration = Duration::from_micros(50);
 
 fn frame(msg: &impl Message) -> Result<Bytes, String> {
     let len = msg.encoded_len();
@@ -134,12 +137,16 @@ async fn read_frame<M: Message + Default>(
 /// is gone; then closes the write side.
 async fn write_frames(mut w: impl AsyncWrite + Unpin, mut rx: mpsc::UnboundedReceiver<Bytes>) {
     let mut batch = BytesMut::new();
+    let mut last_write: Option<Instant> = None;
     while let Some(first) = rx.recv().await {
         // The first frame woke this task at once (tokio runs a task just woken next), before the
-        // other calls that are ready this tick could queue theirs. Yielding lets them, so that
-        // under load one system call carries many frames instead of one each; when nothing else
-        // is ready it costs one pass of the scheduler.
-        tokio::task::yield_now().await;
+        // other calls that are ready this tick could queue theirs. When frames come close
+        // together, yielding lets them queue, so that one system call carries many frames
+        // instead of one each. A frame that comes alone goes out at once: the yield would cost
+        // it a pass of the scheduler for nothing.
+        if last_write.is_some_and(|t| t.elapsed() < BATCH_WINDOW) {
+            tokio::task::yield_now().await;
+        }
         let result = if let Ok(second) = rx.try_recv() {
             batch.extend_from_slice(&first);
             batch.extend_from_slice(&second);
@@ -158,6 +165,7 @@ async fn write_frames(mut w: impl AsyncWrite + Unpin, mut rx: mpsc::UnboundedRec
         if result.is_err() {
             return;
         }
+        last_write = Some(Instant::now());
     }
     let _ = w.shutdown().await;
 }
