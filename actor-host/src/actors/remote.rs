@@ -82,8 +82,9 @@ const PREFACE: &[u8; 8] = b"TSRLANE1";
 const MAX_FRAME: usize = 512 << 20;
 /// A writer task writes at most this much per system call when frames queue up.
 const WRITE_BATCH: usize = 256 << 10;
-/// A frame queued within this long of the previous write waits for the rest of its scheduler
-/// tick, to share a write with them; one that comes later goes out at once.
+/// A frame queued within this long of the previous write (or after a write of several frames)
+/// waits for the rest of its scheduler tick, to share a write with them; a lone frame that comes
+/// later goes out at once.
 const BATCH_WINDOW: Duration = Duration::from_micros(50);
 
 fn frame(msg: &impl Message) -> Result<Bytes, String> {
@@ -143,28 +144,33 @@ async fn write_frames(
 ) {
     let mut batch = BytesMut::new();
     let mut last_write: Option<Instant> = None;
+    // Frames in the previous write.
+    let mut last_frames = 0usize;
     while let Some(first) = rx.recv().await {
         // The first frame woke this task at once (tokio runs a task just woken next), before the
-        // other calls that are ready this tick could queue theirs. When frames come close
-        // together, yielding lets them queue, so that one system call carries many frames
-        // instead of one each. A frame that comes alone goes out at once: the yield would cost
-        // it a pass of the scheduler for nothing.
-        if last_write.is_some_and(|t| t.elapsed() < batch_window) {
+        // other calls that are ready this tick could queue theirs. Under load (the previous write
+        // carried several frames, or this one comes close behind it) yielding lets them queue,
+        // so that one system call carries the tick's frames instead of one each. A frame that
+        // comes alone goes out at once: the yield would cost it a pass of the scheduler.
+        if last_frames > 1 || last_write.is_some_and(|t| t.elapsed() < batch_window) {
             tokio::task::yield_now().await;
         }
         let result = if let Ok(second) = rx.try_recv() {
             batch.extend_from_slice(&first);
             batch.extend_from_slice(&second);
+            last_frames = 2;
             while batch.len() < WRITE_BATCH {
                 match rx.try_recv() {
                     Ok(more) => batch.extend_from_slice(&more),
                     Err(_) => break,
                 }
+                last_frames += 1;
             }
             let r = w.write_all(&batch).await;
             batch.clear();
             r
         } else {
+            last_frames = 1;
             w.write_all(&first).await
         };
         if result.is_err() {
