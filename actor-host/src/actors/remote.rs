@@ -2,8 +2,8 @@
 //!
 //! One long-lived connection per pair of hosts carries every call between them, many at a time
 //! (the framing is in `proto/proto/internal.proto`): a caller's frame goes to the connection's
-//! writer task, which writes whatever has queued up in one system call (when frames come close
-//! together it first yields, so that the whole scheduler tick's frames queue), and the connection's
+//! writer task, which writes whatever has queued up in one system call (under load it first
+//! yields, so that the whole scheduler tick's frames queue), and the connection's
 //! reader task hands each answer to its caller by `call_id`. On the owner, a reader task spawns
 //! a task per call and a writer task batches the answers the same way. Under load a write and a
 //! read carry many calls; a lone call costs one write and one read each way.
