@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/placement.proto",
             "proto/internal.proto",
             "proto/scheduler.proto",
+            "proto/dapr_runtime.proto",
         ],
         &["proto"],
     )?;

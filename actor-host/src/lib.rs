@@ -1,4 +1,4 @@
-//! The Tessera actor host: the sidecar an application talks to on Dapr's HTTP API.
+//! The Tessera actor host: the sidecar an application talks to on Dapr's HTTP and gRPC APIs.
 //!
 //! It owns the host's loaded components, the HTTP API on `--dapr-http-port` and the host's
 //! lifecycle (readiness, graceful shutdown), and the actor runtime ([`actors`]).
@@ -8,6 +8,8 @@
 //!   default `statestore`), refusing to start on any error.
 //! - [`run`]: serve the API on a listener until the shutdown future or `POST /v1.0/shutdown`.
 //! - `state_api`: `/v1.0/state/...`; `meta_api`: metadata, health, shutdown, API token.
+//! - [`grpc_api`]: Dapr's gRPC API on `--dapr-grpc-port` (state and actors), on the same
+//!   functions as the HTTP API.
 //! - [`actors`]: the actor runtime (placement client, activations, turns, fencing, timers), its
 //!   HTTP API (`/v1.0/actors/...`) and the internal port other hosts forward actor calls to.
 //! - Without `--placement-host-address` the host embeds a single-node placement (standalone), and
@@ -17,6 +19,7 @@
 pub mod actors;
 pub mod body;
 pub mod error;
+pub mod grpc_api;
 pub mod jobs;
 mod meta_api;
 pub mod state_api;

@@ -77,7 +77,7 @@ impl StoreEntry {
     }
 }
 
-fn lookup<'a>(shared: &'a Shared, name: &str) -> Result<&'a StoreEntry, ApiError> {
+pub(crate) fn lookup<'a>(shared: &'a Shared, name: &str) -> Result<&'a StoreEntry, ApiError> {
     if shared.stores.is_empty() {
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -190,7 +190,7 @@ fn meta_string(v: Value) -> String {
 }
 
 /// `ttlInSeconds`: a whole number of seconds, or -1 for no expiry.
-fn ttl(meta: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
+pub(crate) fn ttl(meta: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
     let Some(raw) = meta.get("ttlInSeconds") else {
         return Ok(None);
     };
@@ -226,13 +226,90 @@ fn set_op(
     }
     let opts = item.options.unwrap_or_default();
     consistency(opts.consistency.as_deref())?;
+    new_set_op(
+        shared,
+        entry,
+        &key,
+        encode_value(item.value.as_ref()),
+        etag_string(item.etag)?,
+        concurrency(opts.concurrency.as_deref())?,
+        &meta,
+    )
+}
+
+/// A save of `key` as the store names it, its `ttlInSeconds` taken from `meta` (both APIs).
+pub(crate) fn new_set_op(
+    shared: &Shared,
+    entry: &StoreEntry,
+    key: &str,
+    value: bytes::Bytes,
+    etag: Option<String>,
+    concurrency: Concurrency,
+    meta: &HashMap<String, String>,
+) -> Result<SetOp, ApiError> {
     Ok(SetOp {
-        key: entry.store_key(shared, &key)?,
-        value: encode_value(item.value.as_ref()),
-        etag: etag_string(item.etag)?,
-        concurrency: concurrency(opts.concurrency.as_deref())?,
-        ttl: ttl(&meta)?,
+        key: entry.store_key(shared, key)?,
+        value,
+        etag,
+        concurrency,
+        ttl: ttl(meta)?,
     })
+}
+
+/// Runs `ops` as one transaction; a failure is `code` ("ERR_STATE_SAVE", ...) with `what`.
+pub(crate) async fn transact(
+    entry: &StoreEntry,
+    ops: Vec<Op>,
+    code: &'static str,
+    what: &str,
+) -> Result<(), ApiError> {
+    entry
+        .store
+        .transact(ops)
+        .await
+        .map_err(|e| ApiError::state(code, what, e))
+}
+
+/// The item stored under `key`, if any.
+pub(crate) async fn get_item(
+    shared: &Shared,
+    entry: &StoreEntry,
+    store: &str,
+    key: &str,
+) -> Result<Option<components::state::StateItem>, ApiError> {
+    let k = entry.store_key(shared, key)?;
+    entry.store.get(&k).await.map_err(|e| {
+        ApiError::state(
+            "ERR_STATE_GET",
+            &format!("fail to get {key} from state store {store}"),
+            e,
+        )
+    })
+}
+
+/// The items stored under `keys`, in order (`None` for a missing key).
+pub(crate) async fn bulk_items(
+    shared: &Shared,
+    entry: &StoreEntry,
+    store: &str,
+    keys: &[String],
+) -> Result<Vec<Option<components::state::StateItem>>, ApiError> {
+    let keys = keys
+        .iter()
+        .map(|k| entry.store_key(shared, k))
+        .collect::<Result<Vec<_>, _>>()?;
+    entry.store.bulk_get(&keys).await.map_err(|e| {
+        ApiError::state(
+            "ERR_STATE_BULK_GET",
+            &format!("failed getting bulk state from state store {store}"),
+            e,
+        )
+    })
+}
+
+/// When an item expires, as Dapr reports it (`ttlExpireTime`).
+pub(crate) fn expire_time(item: &components::state::StateItem) -> Option<String> {
+    item.expires_at_ms.and_then(rfc3339)
 }
 
 /// `POST|PUT /v1.0/state/{store}`.
@@ -251,13 +328,13 @@ pub async fn save(
         .into_iter()
         .map(|item| set_op(&shared, entry, item, &query_meta).map(Op::Set))
         .collect::<Result<Vec<_>, _>>()?;
-    entry.store.transact(ops).await.map_err(|e| {
-        ApiError::state(
-            "ERR_STATE_SAVE",
-            &format!("failed saving state in state store {store}"),
-            e,
-        )
-    })?;
+    transact(
+        entry,
+        ops,
+        "ERR_STATE_SAVE",
+        &format!("failed saving state in state store {store}"),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -316,17 +393,10 @@ async fn get(
 ) -> Result<Response, ApiError> {
     let query = key_query(q)?;
     consistency(query.consistency.as_deref())?;
-    let k = entry.store_key(shared, key)?;
-    let item = entry.store.get(&k).await.map_err(|e| {
-        ApiError::state(
-            "ERR_STATE_GET",
-            &format!("fail to get {key} from state store {store}"),
-            e,
-        )
-    })?;
-    let Some(item) = item else {
+    let Some(item) = get_item(shared, entry, store, key).await? else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
+    let expires = expire_time(&item);
     let mut resp = (StatusCode::OK, item.value).into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -336,7 +406,7 @@ async fn get(
     if let Ok(v) = HeaderValue::from_str(&item.etag) {
         h.insert(header::ETAG, v);
     }
-    if let Some(exp) = item.expires_at_ms.and_then(rfc3339) {
+    if let Some(exp) = expires {
         if let Ok(v) = HeaderValue::from_str(&exp) {
             h.insert("metadata.ttlExpireTime", v);
         }
@@ -373,17 +443,13 @@ async fn delete(
         key: entry.store_key(shared, key)?,
         etag,
     };
-    entry
-        .store
-        .transact(vec![Op::Delete(op)])
-        .await
-        .map_err(|e| {
-            ApiError::state(
-                "ERR_STATE_DELETE",
-                &format!("failed deleting state with key {key} from state store {store}"),
-                e,
-            )
-        })?;
+    transact(
+        entry,
+        vec![Op::Delete(op)],
+        "ERR_STATE_DELETE",
+        &format!("failed deleting state with key {key} from state store {store}"),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -412,18 +478,7 @@ async fn bulk_get(
     bytes: &[u8],
 ) -> Result<Response, ApiError> {
     let req: BulkRequest = body::json(bytes)?;
-    let keys = req
-        .keys
-        .iter()
-        .map(|k| entry.store_key(shared, k))
-        .collect::<Result<Vec<_>, _>>()?;
-    let items = entry.store.bulk_get(&keys).await.map_err(|e| {
-        ApiError::state(
-            "ERR_STATE_BULK_GET",
-            &format!("failed getting bulk state from state store {store}"),
-            e,
-        )
-    })?;
+    let items = bulk_items(shared, entry, store, &req.keys).await?;
     let out: Vec<BulkItem> = req
         .keys
         .into_iter()
@@ -440,9 +495,7 @@ async fn bulk_get(
                 data: Some(serde_json::from_slice(&item.value).unwrap_or_else(|_| {
                     Value::String(String::from_utf8_lossy(&item.value).into_owned())
                 })),
-                metadata: item
-                    .expires_at_ms
-                    .and_then(rfc3339)
+                metadata: expire_time(&item)
                     .map(|exp| HashMap::from([("ttlExpireTime".to_string(), exp)])),
                 etag: Some(item.etag),
             },
@@ -499,13 +552,13 @@ async fn transaction(
             }
         }
     }
-    entry.store.transact(ops).await.map_err(|e| {
-        ApiError::state(
-            "ERR_STATE_TRANSACTION",
-            &format!("error while executing state transaction on state store {store}"),
-            e,
-        )
-    })?;
+    transact(
+        entry,
+        ops,
+        "ERR_STATE_TRANSACTION",
+        &format!("error while executing state transaction on state store {store}"),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -210,6 +210,7 @@ fn host_cmd(app_id: &str, http: u16, data: &Path, extra: &[String]) -> anyhow::R
     cmd.args(["host", "--app-id", app_id, "--log-level", "warn"])
         .args(["--dapr-http-port", &http.to_string()])
         .args(["--metrics-port", &free_port().to_string()])
+        .args(["--dapr-grpc-port", &free_port().to_string()])
         .arg("--data-dir")
         .arg(data)
         .args(extra);

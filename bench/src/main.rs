@@ -244,6 +244,8 @@ async fn start_sidecar(
         "warn",
         "--dapr-http-port",
         &port.to_string(),
+        "--dapr-grpc-port",
+        &free_port().to_string(),
         "--data-dir",
     ])
     .arg(data)

@@ -211,6 +211,7 @@ async fn host_case(n: usize, rate: u64, secs: u64) -> anyhow::Result<Vec<String>
             "--app-port",
             &app_port.to_string(),
         ])
+        .args(["--dapr-grpc-port", &free_port().to_string()])
         .args(["--metrics-port", &free_port().to_string(), "--data-dir"])
         .arg(dir.path())
         .stdout(std::process::Stdio::null())

@@ -228,7 +228,8 @@ struct HostArgs {
     /// Port of the Dapr HTTP API.
     #[arg(long, env = "DAPR_HTTP_PORT", default_value_t = 3500)]
     dapr_http_port: u16,
-    /// Port passed to the app as DAPR_GRPC_PORT. This build serves the HTTP API only.
+    /// Port of the Dapr gRPC API (state and actors; other methods answer UNIMPLEMENTED), passed
+    /// to the app as DAPR_GRPC_PORT.
     #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
     dapr_grpc_port: u16,
     /// Port other hosts forward actor calls to (Dapr's name for it; the calls travel as
@@ -417,12 +418,37 @@ async fn start_host(
         listeners.push(l);
     }
     let host = Host::start(host_config(args, extended)?).await?;
+    serve_grpc(&host, args).await;
     serve_metrics(&host, args).await;
     tracing::info!(
         elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
         "sidecar ready"
     );
     Ok((host, listeners))
+}
+
+/// Dapr's gRPC API on --dapr-grpc-port (every listen address), stopped with the host. A port
+/// in use is a warning, not a failed start: the HTTP API is the sidecar's main door.
+async fn serve_grpc(host: &Host, args: &HostArgs) {
+    for ip in &args.dapr_listen_addresses {
+        let addr = SocketAddr::new(*ip, args.dapr_grpc_port);
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let stop = host.shutdown_token();
+                let host = host.clone();
+                tokio::spawn(async move {
+                    let stopped = async move { stop.cancelled().await };
+                    if let Err(e) = actor_host::grpc_api::run(l, host, stopped).await {
+                        tracing::error!(%addr, error = %e, "gRPC API stopped");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(
+                %addr, error = %e,
+                "gRPC port unavailable: running without the gRPC API (set --dapr-grpc-port)"
+            ),
+        }
+    }
 }
 
 /// `GET /metrics` on --metrics-port, stopped with the host.

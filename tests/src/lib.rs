@@ -34,6 +34,8 @@ pub fn free_port() -> u16 {
 pub struct Sidecar {
     pub child: Child,
     pub port: u16,
+    /// Dapr's gRPC API (`--dapr-grpc-port`).
+    pub grpc_port: u16,
     pub metrics_port: u16,
     pub data_dir: PathBuf,
     pub log: PathBuf,
@@ -66,6 +68,7 @@ impl Sidecar {
         env: &[(&str, &str)],
     ) -> Sidecar {
         let metrics_port = free_port();
+        let grpc_port = free_port();
         let log = data_dir.with_extension(format!("{port}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -81,6 +84,8 @@ impl Sidecar {
             &port.to_string(),
             "--metrics-port",
             &metrics_port.to_string(),
+            "--dapr-grpc-port",
+            &grpc_port.to_string(),
             "--data-dir",
         ])
         .arg(data_dir)
@@ -93,6 +98,7 @@ impl Sidecar {
         let mut s = Sidecar {
             child,
             port,
+            grpc_port,
             metrics_port,
             data_dir: data_dir.to_path_buf(),
             log,

@@ -1,6 +1,7 @@
 //! The official Dapr Python SDK against Tessera, unchanged: `tessera run` starts the SDK's actor
 //! host (`tests/python/actor_app.py`, dapr-ext-fastapi) and a separate process calls it through
-//! the SDK's `ActorProxy` (`tests/python/actor_client.py`), which checks every answer.
+//! the SDK's `ActorProxy` (`tests/python/actor_client.py`), which checks every answer. The SDK's
+//! `DaprClient`, which speaks gRPC, drives the state API (`tests/python/state_client.py`).
 //!
 //! The interpreter is `$TESSERA_PYTHON`, a venv made by `scripts/python-env.sh` with the pinned
 //! SDK (`tests/python/requirements.txt`); `scripts/test` creates it and sets the variable. The
@@ -54,6 +55,7 @@ fn python() -> PathBuf {
 struct PythonActorApp {
     child: Child,
     http_port: u16,
+    grpc_port: u16,
     log: PathBuf,
     app_pid: Option<i32>,
     client: reqwest::Client,
@@ -87,6 +89,7 @@ impl PythonActorApp {
         let mut app = PythonActorApp {
             child,
             http_port,
+            grpc_port,
             log,
             app_pid: None,
             client: reqwest::Client::new(),
@@ -136,10 +139,16 @@ impl PythonActorApp {
 
     /// Runs `actor_client.py <args>` against this sidecar; returns (exit code, stdout, stderr).
     async fn client(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        self.run_script("actor_client.py", args).await
+    }
+
+    /// Runs `tests/python/<name> <args>` with the sidecar's ports in its environment.
+    async fn run_script(&self, name: &str, args: &[&str]) -> (Option<i32>, String, String) {
         let mut cmd = tokio::process::Command::new(python());
-        cmd.arg(script("actor_client.py"))
+        cmd.arg(script(name))
             .args(args)
             .env("DAPR_HTTP_PORT", self.http_port.to_string())
+            .env("DAPR_GRPC_PORT", self.grpc_port.to_string())
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -147,11 +156,11 @@ impl PythonActorApp {
             .await
             .unwrap_or_else(|_| {
                 panic!(
-                    "actor_client.py {args:?} did not finish in 120 s; tessera run log:\n{}",
+                    "{name} {args:?} did not finish in 120 s; tessera run log:\n{}",
                     self.logs()
                 )
             })
-            .expect("run actor_client.py");
+            .expect("run the Python client");
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -241,4 +250,22 @@ async fn python_sdk_reminders() {
 #[tokio::test]
 async fn python_sdk_reentrant_chain() {
     scenario("chains", &[("REENTRANCY", "all")], "chain").await;
+}
+
+/// The SDK's `DaprClient`, which speaks gRPC, against the state API (`tests/python/state_client.py`).
+#[tokio::test]
+async fn python_sdk_state_over_grpc() {
+    let app = PythonActorApp::start("pystate", &[]).await;
+    let (code, stdout, stderr) = app.run_script("state_client.py", &[]).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "state_client.py failed\n--- client stderr:\n{stderr}\n--- client stdout:\n{stdout}\n\
+         --- tessera run log:\n{}",
+        app.logs()
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{stdout}"));
+    assert_eq!(summary["checks"], 10, "{summary}");
 }

@@ -98,11 +98,32 @@ pub async fn invoke_call(
         ));
     }
     let bytes = body::read(&headers, body, shared.config.max_body_bytes).await?;
+    let r = shared
+        .actors
+        .call(&key, &method_path(method), headers, bytes)
+        .await?;
+    Ok(app_answer(&key, r))
+}
+
+/// `method/{method}`, the method percent-encoded: the path of a call under the actor's own.
+pub(crate) fn method_path(method: &str) -> String {
     let mut path = String::with_capacity(7 + method.len());
     path.push_str("method/");
     super::encode_into(&mut path, method);
-    let r = shared.actors.call(&key, &path, headers, bytes).await?;
-    Ok(app_answer(&key, r))
+    path
+}
+
+/// `500 ERR_ACTOR_INVOKE_METHOD` quoting the app's answer.
+pub(crate) fn app_error(key: &ActorKey, r: &super::app_channel::AppResponse) -> ApiError {
+    let text = String::from_utf8_lossy(&r.body);
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "ERR_ACTOR_INVOKE_METHOD",
+        format!(
+            "error invoking actor {key}: error from actor service: ({}) {text}",
+            r.status.as_u16()
+        ),
+    )
 }
 
 /// Dapr's rules for the app's answer: 200 passes through; an error with
@@ -112,16 +133,7 @@ pub fn app_answer(key: &ActorKey, r: super::app_channel::AppResponse) -> Respons
     let passthrough =
         r.status == StatusCode::OK || r.headers.contains_key("x-daprerrorresponseheader");
     if !passthrough {
-        let text = String::from_utf8_lossy(&r.body);
-        return ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "ERR_ACTOR_INVOKE_METHOD",
-            format!(
-                "error invoking actor {key}: error from actor service: ({}) {text}",
-                r.status.as_u16()
-            ),
-        )
-        .into_response();
+        return app_error(key, &r).into_response();
     }
     let mut resp = Response::new(Body::from(r.body));
     *resp.status_mut() = r.status;
@@ -156,7 +168,7 @@ pub async fn get_state(
     }
 }
 
-fn check_state_key(k: &str) -> Result<(), ApiError> {
+pub(crate) fn check_state_key(k: &str) -> Result<(), ApiError> {
     if k.is_empty() || k.contains("||") {
         return Err(ApiError::malformed(format!(
             "invalid actor state key {k:?}: it must be non-empty and may not contain '||'"
@@ -193,50 +205,82 @@ pub async fn save_state(
     let key = actor_key(actor_type, actor_id)?;
     let bytes = body::read(&headers, body, shared.config.max_body_bytes).await?;
     let tx: Vec<TxOp> = body::json(&bytes)?;
-    let mut ops = Vec::with_capacity(tx.len());
-    for op in tx {
-        check_state_key(&op.request.key)?;
-        let store_key = shared.actors.state_key(&key, &op.request.key);
-        let etag = op.request.etag.filter(|e| !e.is_empty());
-        match op.operation.as_str() {
-            "upsert" => {
-                let ttl = match op.request.metadata.get("ttlInSeconds") {
-                    None => None,
-                    Some(s) => match s.parse::<i64>() {
-                        Ok(n) if n > 0 => Some(Duration::from_secs(n as u64)),
-                        Ok(_) => None,
-                        Err(_) => {
-                            return Err(ApiError::malformed(format!(
-                                "invalid ttlInSeconds {s:?}: expected an integer"
-                            )))
-                        }
-                    },
-                };
-                let value = op.request.value.unwrap_or(Value::Null);
-                ops.push(Op::Set(SetOp {
-                    key: store_key,
-                    value: Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
-                    etag,
-                    concurrency: Concurrency::LastWrite,
-                    ttl,
-                }));
-            }
-            "delete" => ops.push(Op::Delete(DeleteOp {
+    let ops = tx
+        .into_iter()
+        .map(|op| {
+            let value = op.request.value.unwrap_or(Value::Null);
+            actor_state_op(
+                &shared,
+                &key,
+                &op.operation,
+                &op.request.key,
+                Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
+                op.request.etag,
+                &op.request.metadata,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    run_actor_transaction(&shared, &key, ops).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// One operation of an actor state transaction (`upsert` of `value`, or `delete`), on the
+/// actor's key in the actor state store (the HTTP and gRPC APIs).
+pub(crate) fn actor_state_op(
+    shared: &Shared,
+    key: &ActorKey,
+    operation: &str,
+    state_key: &str,
+    value: Bytes,
+    etag: Option<String>,
+    metadata: &std::collections::HashMap<String, String>,
+) -> Result<Op, ApiError> {
+    check_state_key(state_key)?;
+    let store_key = shared.actors.state_key(key, state_key);
+    let etag = etag.filter(|e| !e.is_empty());
+    match operation {
+        "upsert" => {
+            let ttl = match metadata.get("ttlInSeconds") {
+                None => None,
+                Some(s) => match s.parse::<i64>() {
+                    Ok(n) if n > 0 => Some(Duration::from_secs(n as u64)),
+                    Ok(_) => None,
+                    Err(_) => {
+                        return Err(ApiError::malformed(format!(
+                            "invalid ttlInSeconds {s:?}: expected an integer"
+                        )))
+                    }
+                },
+            };
+            Ok(Op::Set(SetOp {
                 key: store_key,
+                value,
                 etag,
-            })),
-            other => {
-                return Err(ApiError::bad_request(
-                    "ERR_NOT_SUPPORTED_STATE_OPERATION",
-                    format!("operation type {other:?} not supported: use upsert or delete"),
-                ))
-            }
+                concurrency: Concurrency::LastWrite,
+                ttl,
+            }))
         }
+        "delete" => Ok(Op::Delete(DeleteOp {
+            key: store_key,
+            etag,
+        })),
+        other => Err(ApiError::bad_request(
+            "ERR_NOT_SUPPORTED_STATE_OPERATION",
+            format!("operation type {other:?} not supported: use upsert or delete"),
+        )),
     }
+}
+
+/// Checks the ETags, then saves `ops` fenced by the actor's activation.
+pub(crate) async fn run_actor_transaction(
+    shared: &Shared,
+    key: &ActorKey,
+    ops: Vec<Op>,
+) -> Result<(), ApiError> {
     components::state::parse_etags(&ops)
         .map_err(|e| ApiError::state("ERR_ACTOR_STATE_TRANSACTION_SAVE", "invalid etag", e))?;
-    shared.actors.save_state(&key, ops).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    shared.actors.save_state(key, ops).await?;
+    Ok(())
 }
 
 #[derive(Deserialize, Default)]
