@@ -1,10 +1,14 @@
 //! Dapr's gRPC API on `--dapr-grpc-port` (service `dapr.proto.runtime.v1.Dapr`), as far as the
-//! sidecar serves it: the state building block and actors. It is what the official SDKs' gRPC
+//! sidecar serves it: the state building block, actors (invocation, state, timers, reminders)
+//! and shutdown. It is what the official SDKs' gRPC
 //! clients speak (the Rust `dapr` crate's `Client`, the Python `DaprClient`); any other method
 //! of Dapr's service answers `UNIMPLEMENTED`.
 //!
 //! Each method validates, stores and answers through the same functions as the HTTP API
-//! (`state_api`, `actors::api`), so the two agree on keys, ETags, TTLs, fencing and errors.
+//! (`state_api`, `actors::api`, `jobs`), so the two agree on keys, ETags, TTLs, fencing, reminder
+//! validation and errors. A reminder request is turned into the HTTP API's JSON body and parsed
+//! by the same parser; timer and reminder data reach the app as Dapr hands gRPC data on, a
+//! base64 JSON string.
 //! Errors carry the HTTP API's message, with the gRPC code for its HTTP status (400 is
 //! `INVALID_ARGUMENT`, an ETag mismatch `ABORTED`, ...). Values travel as bytes and are stored
 //! as they come, as Dapr stores them.
@@ -16,20 +20,24 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use components::state::{Concurrency, DeleteOp, Op, StateItem as Stored};
 use proto::dapr::dapr_server::{Dapr, DaprServer};
+use proto::dapr::job_failure_policy::Policy;
 use proto::dapr::state_options::{StateConcurrency, StateConsistency};
 use proto::dapr::{
     BulkStateItem, DeleteBulkStateRequest, DeleteStateRequest, Empty,
     ExecuteActorStateTransactionRequest, ExecuteStateTransactionRequest, GetActorStateRequest,
     GetActorStateResponse, GetBulkStateRequest, GetBulkStateResponse, GetStateRequest,
-    GetStateResponse, InvokeActorRequest, InvokeActorResponse, SaveStateRequest, StateItem,
-    StateOptions,
+    GetStateResponse, InvokeActorRequest, InvokeActorResponse, JobFailurePolicy,
+    RegisterActorReminderRequest, RegisterActorTimerRequest, SaveStateRequest, ShutdownRequest,
+    StateItem, StateOptions, UnregisterActorReminderRequest, UnregisterActorTimerRequest,
 };
+use serde_json::{json, Value};
 use tonic::{Request, Response, Status};
 
 use crate::actors::api as actor_api;
+use crate::actors::timers::TimerSpec;
 use crate::error::ApiError;
 use crate::state_api::{self, StoreEntry};
-use crate::{Host, Shared};
+use crate::{jobs, Host, Shared};
 
 /// Serves the gRPC API on `listener` until `shutdown` resolves or the host stops.
 pub async fn run(
@@ -170,6 +178,58 @@ fn ttl_metadata(item: &Stored) -> HashMap<String, String> {
     state_api::expire_time(item)
         .map(|t| HashMap::from([("ttlExpireTime".to_string(), t)]))
         .unwrap_or_default()
+}
+
+/// Timer and reminder data as Dapr hands it on: the bytes as a base64 JSON string (what Go's
+/// `json.Marshal` makes of a byte slice); none when empty.
+fn data_json(data: &[u8]) -> Option<Value> {
+    use base64::Engine;
+    (!data.is_empty())
+        .then(|| Value::String(base64::engine::general_purpose::STANDARD.encode(data)))
+}
+
+/// A reminder's failure policy as the JSON the HTTP API reads (`{"drop": {}}` or
+/// `{"constant": {"interval": <Go duration>, "maxRetries": n}}`).
+fn failure_policy_json(p: JobFailurePolicy) -> Result<Value, Status> {
+    match p.policy {
+        None => Ok(json!({})),
+        Some(Policy::Drop(_)) => Ok(json!({"drop": {}})),
+        Some(Policy::Constant(c)) => {
+            let mut constant = serde_json::Map::new();
+            if let Some(d) = c.interval {
+                if d.seconds < 0 || d.nanos < 0 {
+                    return Err(Status::invalid_argument(
+                        "failure policy: the interval must not be negative",
+                    ));
+                }
+                let interval = if d.nanos == 0 {
+                    format!("{}s", d.seconds)
+                } else {
+                    format!("{}s{}ns", d.seconds, d.nanos)
+                };
+                constant.insert("interval".into(), json!(interval));
+            }
+            if let Some(n) = c.max_retries {
+                constant.insert("maxRetries".into(), json!(n));
+            }
+            Ok(json!({ "constant": constant }))
+        }
+    }
+}
+
+/// The JSON body of the HTTP API's reminder request, from the gRPC one.
+fn reminder_body(req: &RegisterActorReminderRequest) -> Result<Vec<u8>, Status> {
+    let mut body = json!({"dueTime": req.due_time, "period": req.period, "ttl": req.ttl});
+    if let Some(d) = data_json(&req.data) {
+        body["data"] = d;
+    }
+    if let Some(o) = req.overwrite {
+        body["overwrite"] = json!(o);
+    }
+    if let Some(p) = req.failure_policy {
+        body["failurePolicy"] = failure_policy_json(p)?;
+    }
+    Ok(body.to_string().into_bytes())
 }
 
 struct GrpcApi {
@@ -397,6 +457,69 @@ impl Dapr for GrpcApi {
             .map_err(status)?;
         Ok(Response::new(Empty {}))
     }
+
+    async fn register_actor_timer(&self, req: Request<RegisterActorTimerRequest>) -> Answer<Empty> {
+        let req = req.into_inner();
+        let key = actor_api::actor_key(req.actor_type, req.actor_id).map_err(status)?;
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("a timer name is required"));
+        }
+        let spec = TimerSpec {
+            callback: req.callback,
+            due_time: req.due_time,
+            period: req.period,
+            ttl: req.ttl,
+            data: data_json(&req.data),
+        };
+        self.shared
+            .actors
+            .create_timer(&key, &req.name, spec)
+            .await
+            .map_err(|e| status(e.into()))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn unregister_actor_timer(
+        &self,
+        req: Request<UnregisterActorTimerRequest>,
+    ) -> Answer<Empty> {
+        let req = req.into_inner();
+        let key = actor_api::actor_key(req.actor_type, req.actor_id).map_err(status)?;
+        self.shared.actors.delete_timer(&key, &req.name);
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn register_actor_reminder(
+        &self,
+        req: Request<RegisterActorReminderRequest>,
+    ) -> Answer<Empty> {
+        let req = req.into_inner();
+        let body = reminder_body(&req)?;
+        let key = jobs::hosted_actor(&self.shared, req.actor_type, req.actor_id).map_err(status)?;
+        jobs::create_reminder(&self.shared, &key, &req.name, &body)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn unregister_actor_reminder(
+        &self,
+        req: Request<UnregisterActorReminderRequest>,
+    ) -> Answer<Empty> {
+        let req = req.into_inner();
+        let key = jobs::hosted_actor(&self.shared, req.actor_type, req.actor_id).map_err(status)?;
+        jobs::delete_reminder(&self.shared, &key, &req.name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    /// Answers, then stops the host gracefully (as `POST /v1.0/shutdown`).
+    async fn shutdown(&self, _req: Request<ShutdownRequest>) -> Answer<Empty> {
+        tracing::info!("shutdown requested through the gRPC API");
+        self.shared.shutdown.cancel();
+        Ok(Response::new(Empty {}))
+    }
 }
 
 #[cfg(test)]
@@ -449,6 +572,58 @@ mod tests {
         let item = HashMap::from([("ttlInSeconds".to_string(), "9".to_string())]);
         assert_eq!(merged(&base, &item)["ttlInSeconds"], "9");
         assert_eq!(merged(&base, &HashMap::new())["ttlInSeconds"], "5");
+    }
+
+    #[test]
+    fn reminder_requests_become_the_http_api_s_json() {
+        use proto::dapr::{Duration, JobFailurePolicyConstant, JobFailurePolicyDrop};
+        let mut req = RegisterActorReminderRequest {
+            due_time: "1s".into(),
+            period: "R2/PT1S".into(),
+            data: b"hi".to_vec(),
+            overwrite: Some(false),
+            ..Default::default()
+        };
+        let body = |r: &RegisterActorReminderRequest| -> Value {
+            serde_json::from_slice(&reminder_body(r).unwrap()).unwrap()
+        };
+        let b = body(&req);
+        assert_eq!(b["dueTime"], "1s");
+        assert_eq!(b["period"], "R2/PT1S");
+        assert_eq!(b["data"], "aGk=");
+        assert_eq!(b["overwrite"], false);
+        assert!(b.get("failurePolicy").is_none());
+        req.failure_policy = Some(JobFailurePolicy {
+            policy: Some(Policy::Constant(JobFailurePolicyConstant {
+                interval: Some(Duration {
+                    seconds: 2,
+                    nanos: 500,
+                }),
+                max_retries: Some(4),
+            })),
+        });
+        assert_eq!(
+            body(&req)["failurePolicy"],
+            json!({"constant": {"interval": "2s500ns", "maxRetries": 4}})
+        );
+        req.failure_policy = Some(JobFailurePolicy {
+            policy: Some(Policy::Drop(JobFailurePolicyDrop {})),
+        });
+        assert_eq!(body(&req)["failurePolicy"], json!({"drop": {}}));
+        req.failure_policy = Some(JobFailurePolicy {
+            policy: Some(Policy::Constant(JobFailurePolicyConstant {
+                interval: Some(Duration {
+                    seconds: -1,
+                    nanos: 0,
+                }),
+                max_retries: None,
+            })),
+        });
+        assert_eq!(
+            reminder_body(&req).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(data_json(b""), None);
     }
 
     #[test]

@@ -336,44 +336,19 @@ pub async fn reminder(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = crate::actors::api::actor_key(actor_type, actor_id)?;
-    if !shared.actors.settings().types.contains_key(&key.actor_type) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "ERR_ACTOR_REMINDER_NON_HOSTED",
-            format!(
-                "operations on actor reminders are only possible on hosts that host the actor type {:?}",
-                key.actor_type
-            ),
-        ));
-    }
-    let ns = shared.config.namespace.clone();
-    let job_key = JobKey::reminder(&ns, &key.actor_type, &key.actor_id, &name);
+    let key = hosted_actor(&shared, actor_type, actor_id)?;
+    let job_key = JobKey::reminder(
+        &shared.config.namespace,
+        &key.actor_type,
+        &key.actor_id,
+        &name,
+    );
     let jobs = &shared.jobs;
     match verb {
         Method::POST | Method::PUT => {
             let bytes = body::read(&headers, body, shared.config.max_body_bytes).await?;
-            let r = ReminderRef {
-                actor_type: &key.actor_type,
-                actor_id: &key.actor_id,
-                name: &name,
-            };
-            let scope = ReminderScope {
-                app_id: Some(shared.config.app_id.clone()),
-                namespace: ns,
-            };
-            let req =
-                parse_reminder_request(r, &bytes, &scope, Utc::now()).map_err(request_error)?;
-            match jobs
-                .create(req.job, req.overwrite)
-                .await
-                .map_err(|e| backend_error("ERR_ACTOR_REMINDER_CREATE", e))?
-            {
-                Created::AlreadyExists => {
-                    Err(request_error(RequestError::ReminderAlreadyExists(name)))
-                }
-                _ => Ok(StatusCode::NO_CONTENT.into_response()),
-            }
+            create_reminder(&shared, &key, &name, &bytes).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
         }
         Method::GET => {
             let Some(j) = jobs
@@ -406,9 +381,7 @@ pub async fn reminder(
             Ok(axum::Json(out).into_response())
         }
         Method::DELETE => {
-            jobs.delete(&job_key)
-                .await
-                .map_err(|e| backend_error("ERR_ACTOR_REMINDER_DELETE", e))?;
+            delete_reminder(&shared, &key, &name).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         other => Err(ApiError::new(
@@ -417,6 +390,76 @@ pub async fn reminder(
             format!("reminders take POST, PUT, GET or DELETE, not {other}"),
         )),
     }
+}
+
+/// The actor, if this host hosts its type: reminders are only handled where the type lives.
+pub(crate) fn hosted_actor(
+    shared: &Shared,
+    actor_type: String,
+    actor_id: String,
+) -> Result<ActorKey, ApiError> {
+    let key = crate::actors::api::actor_key(actor_type, actor_id)?;
+    if !shared.actors.settings().types.contains_key(&key.actor_type) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "ERR_ACTOR_REMINDER_NON_HOSTED",
+            format!(
+                "operations on actor reminders are only possible on hosts that host the actor type {:?}",
+                key.actor_type
+            ),
+        ));
+    }
+    Ok(key)
+}
+
+/// Creates reminder `name` from its JSON request body (Dapr's `dueTime`, `period`, `ttl`,
+/// `data`, `overwrite`, `failurePolicy`).
+pub(crate) async fn create_reminder(
+    shared: &Shared,
+    key: &ActorKey,
+    name: &str,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    let r = ReminderRef {
+        actor_type: &key.actor_type,
+        actor_id: &key.actor_id,
+        name,
+    };
+    let scope = ReminderScope {
+        app_id: Some(shared.config.app_id.clone()),
+        namespace: shared.config.namespace.clone(),
+    };
+    let req = parse_reminder_request(r, body, &scope, Utc::now()).map_err(request_error)?;
+    match shared
+        .jobs
+        .create(req.job, req.overwrite)
+        .await
+        .map_err(|e| backend_error("ERR_ACTOR_REMINDER_CREATE", e))?
+    {
+        Created::AlreadyExists => Err(request_error(RequestError::ReminderAlreadyExists(
+            name.to_string(),
+        ))),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) async fn delete_reminder(
+    shared: &Shared,
+    key: &ActorKey,
+    name: &str,
+) -> Result<(), ApiError> {
+    let job_key = JobKey::reminder(
+        &shared.config.namespace,
+        &key.actor_type,
+        &key.actor_id,
+        name,
+    );
+    shared
+        .jobs
+        .delete(&job_key)
+        .await
+        .map(|_| ())
+        .map_err(|e| backend_error("ERR_ACTOR_REMINDER_DELETE", e))
 }
 
 #[cfg(test)]

@@ -228,8 +228,8 @@ struct HostArgs {
     /// Port of the Dapr HTTP API.
     #[arg(long, env = "DAPR_HTTP_PORT", default_value_t = 3500)]
     dapr_http_port: u16,
-    /// Port of the Dapr gRPC API (state and actors; other methods answer UNIMPLEMENTED), passed
-    /// to the app as DAPR_GRPC_PORT.
+    /// Port of the Dapr gRPC API (state, actors, shutdown; other methods answer UNIMPLEMENTED),
+    /// passed to the app as DAPR_GRPC_PORT.
     #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
     dapr_grpc_port: u16,
     /// Port other hosts forward actor calls to (Dapr's name for it; the calls travel as

@@ -259,12 +259,48 @@ async fn the_api_token_guards_the_grpc_api() {
     req.metadata_mut()
         .insert("dapr-api-token", "s3cret".parse().unwrap());
     raw.get_state(req).await.unwrap();
+
+    // Shutdown answers, then the sidecar stops gracefully.
+    let mut req = tonic::Request::new(v1::ShutdownRequest {});
+    req.metadata_mut()
+        .insert("dapr-api-token", "s3cret".parse().unwrap());
+    raw.shutdown(req).await.unwrap();
+    let mut s = s;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after Shutdown:\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}:\n{}", s.logs());
 }
 
-/// An app with one actor type, `Echo`: a method answers `{id}:{method}:{body}`.
-async fn echo_app() -> u16 {
-    use axum::extract::Path;
+/// What the echo app's actors were called back with: (kind, actor id, name, body).
+type Callbacks = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, serde_json::Value)>>>;
+
+/// An app with one actor type, `Echo`: a method answers `{id}:{method}:{body}`; timer and
+/// reminder callbacks are recorded.
+async fn echo_app() -> (u16, Callbacks) {
+    use axum::extract::{Path, State};
     use axum::routing::{delete, get, put};
+    let seen = Callbacks::default();
+    let record = |kind: &'static str| {
+        move |State(seen): State<Callbacks>,
+              Path((id, name)): Path<(String, String)>,
+              body: String| async move {
+            let body = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+            seen.lock()
+                .unwrap()
+                .push((kind.to_string(), id, name, body));
+            ""
+        }
+    };
     let app = axum::Router::new()
         .route(
             "/dapr/config",
@@ -287,18 +323,42 @@ async fn echo_app() -> u16 {
                 },
             ),
         )
-        .route("/actors/Echo/{id}", delete(|| async { "" }));
+        .route(
+            "/actors/Echo/{id}/method/timer/{name}",
+            put(record("timer")),
+        )
+        .route(
+            "/actors/Echo/{id}/method/remind/{name}",
+            put(record("remind")),
+        )
+        .route("/actors/Echo/{id}", delete(|| async { "" }))
+        .with_state(seen.clone());
     let port = free_port();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    port
+    (port, seen)
+}
+
+type Seen = [(String, String, String, serde_json::Value)];
+
+/// Waits up to 10 s for `cond` over the recorded callbacks.
+async fn until(seen: &Callbacks, what: &str, cond: impl Fn(&Seen) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond(&seen.lock().unwrap()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {:?}",
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
 async fn actors_through_the_rust_sdk() {
-    let app_port = echo_app().await;
+    let (app_port, seen) = echo_app().await;
     let dir = tempfile::tempdir().unwrap();
     let port = app_port.to_string();
     let s = Sidecar::start(
@@ -419,6 +479,97 @@ async fn actors_through_the_rust_sdk() {
             .data,
         b"1"
     );
+
+    // A timer fires with its callback and its data (bytes, handed on as a base64 string, as
+    // Dapr does), until it is unregistered.
+    raw.register_actor_timer(v1::RegisterActorTimerRequest {
+        actor_type: "Echo".into(),
+        actor_id: "e1".into(),
+        name: "tick".into(),
+        due_time: "0s".into(),
+        period: "50ms".into(),
+        callback: "onTick".into(),
+        data: b"td".to_vec(),
+        ttl: String::new(),
+    })
+    .await
+    .unwrap();
+    let ticks = |c: &Seen| {
+        c.iter()
+            .filter(|(k, id, n, _)| k == "timer" && id == "e1" && n == "tick")
+            .count()
+    };
+    until(&seen, "two timer ticks", |c| ticks(c) >= 2).await;
+    let body = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|c| c.0 == "timer")
+        .unwrap()
+        .3
+        .clone();
+    assert_eq!(body["callback"], "onTick", "{body}");
+    assert_eq!(body["data"], "dGQ=", "{body}");
+    raw.unregister_actor_timer(v1::UnregisterActorTimerRequest {
+        actor_type: "Echo".into(),
+        actor_id: "e1".into(),
+        name: "tick".into(),
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let after = ticks(&seen.lock().unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(ticks(&seen.lock().unwrap()), after, "the timer stopped");
+
+    // A reminder goes through the scheduler and reaches the actor; a bad one is refused; one on
+    // a type this host does not host is PERMISSION_DENIED (Dapr's 403).
+    let reminder = |name: &str, due: &str| v1::RegisterActorReminderRequest {
+        actor_type: "Echo".into(),
+        actor_id: "e2".into(),
+        name: name.into(),
+        due_time: due.into(),
+        data: b"rd".to_vec(),
+        ..Default::default()
+    };
+    raw.register_actor_reminder(reminder("once", "0s"))
+        .await
+        .unwrap();
+    until(&seen, "the reminder fired", |c| {
+        c.iter()
+            .any(|(k, id, n, b)| k == "remind" && id == "e2" && n == "once" && b["data"] == "cmQ=")
+    })
+    .await;
+    let err = raw
+        .register_actor_reminder(reminder("bad", "not a time"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = raw
+        .register_actor_reminder(v1::RegisterActorReminderRequest {
+            actor_type: "Elsewhere".into(),
+            ..reminder("r", "1s")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    raw.register_actor_reminder(reminder("later", "1h"))
+        .await
+        .unwrap();
+    raw.unregister_actor_reminder(v1::UnregisterActorReminderRequest {
+        actor_type: "Echo".into(),
+        actor_id: "e2".into(),
+        name: "later".into(),
+    })
+    .await
+    .unwrap();
+    let http = s
+        .client
+        .get(s.url("/v1.0/actors/Echo/e2/reminders/later"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(http.status(), 404, "the unregistered reminder is gone");
 }
 
 /// A value as the SDK's actor context wraps it.

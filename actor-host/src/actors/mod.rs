@@ -25,7 +25,7 @@ pub mod api;
 pub mod app_channel;
 pub mod config;
 pub mod remote;
-mod timers;
+pub(crate) mod timers;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
