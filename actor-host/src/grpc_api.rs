@@ -1,6 +1,6 @@
 //! Dapr's gRPC API on `--dapr-grpc-port` (service `dapr.proto.runtime.v1.Dapr`), as far as the
-//! sidecar serves it: the state building block, actors (invocation, state, timers, reminders)
-//! and shutdown. It is what the official SDKs' gRPC
+//! sidecar serves it: the state building block, actors (invocation, state, timers, reminders),
+//! metadata and shutdown. It is what the official SDKs' gRPC
 //! clients speak (the Rust `dapr` crate's `Client`, the Python `DaprClient`); any other method
 //! of Dapr's service answers `UNIMPLEMENTED`.
 //!
@@ -22,6 +22,10 @@ use components::state::{Concurrency, DeleteOp, Op, StateItem as Stored};
 use proto::dapr::dapr_server::{Dapr, DaprServer};
 use proto::dapr::job_failure_policy::Policy;
 use proto::dapr::state_options::{StateConcurrency, StateConsistency};
+use proto::dapr::{
+    actor_runtime::ActorRuntimeStatus, ActiveActorsCount, ActorRuntime, AppConnectionProperties,
+    GetMetadataRequest, GetMetadataResponse, RegisteredComponents, SetMetadataRequest,
+};
 use proto::dapr::{
     BulkStateItem, DeleteBulkStateRequest, DeleteStateRequest, Empty,
     ExecuteActorStateTransactionRequest, ExecuteStateTransactionRequest, GetActorStateRequest,
@@ -511,6 +515,66 @@ impl Dapr for GrpcApi {
         jobs::delete_reminder(&self.shared, &key, &req.name)
             .await
             .map_err(status)?;
+        Ok(Response::new(Empty {}))
+    }
+
+    /// What `GET /v1.0/metadata` reports, in Dapr's gRPC shape.
+    async fn get_metadata(&self, _req: Request<GetMetadataRequest>) -> Answer<GetMetadataResponse> {
+        let snap = crate::meta_api::snapshot(&self.shared);
+        let placement = snap.placement().to_string();
+        let cfg = &self.shared.config;
+        let actors: Vec<ActiveActorsCount> = snap
+            .actors
+            .into_iter()
+            .map(|(t, n)| ActiveActorsCount {
+                r#type: t,
+                count: i32::try_from(n).unwrap_or(i32::MAX),
+            })
+            .collect();
+        let connected = snap.placement_connected;
+        Ok(Response::new(GetMetadataResponse {
+            id: cfg.app_id.clone(),
+            active_actors_count: actors.clone(),
+            registered_components: snap
+                .components
+                .into_iter()
+                .map(|(name, kind, version, caps)| RegisteredComponents {
+                    name,
+                    r#type: kind,
+                    version,
+                    capabilities: caps.into_iter().map(String::from).collect(),
+                })
+                .collect(),
+            extended_metadata: snap.extended.into_iter().collect(),
+            app_connection_properties: Some(AppConnectionProperties {
+                port: cfg.app_port.map_or(0, i32::from),
+                protocol: "http".into(),
+                channel_address: cfg.app_channel_address.clone(),
+                max_concurrency: 0,
+            }),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            enabled_features: Vec::new(),
+            actor_runtime: Some(ActorRuntime {
+                runtime_status: if connected {
+                    ActorRuntimeStatus::Running
+                } else {
+                    ActorRuntimeStatus::Initializing
+                } as i32,
+                active_actors: actors,
+                host_ready: snap.host_ready,
+                placement,
+            }),
+        }))
+    }
+
+    /// Sets `extended[key]` (as `PUT /v1.0/metadata/{key}`).
+    async fn set_metadata(&self, req: Request<SetMetadataRequest>) -> Answer<Empty> {
+        let req = req.into_inner();
+        self.shared
+            .extended
+            .write()
+            .expect("lock")
+            .insert(req.key, req.value);
         Ok(Response::new(Empty {}))
     }
 

@@ -21,7 +21,7 @@ pub mod body;
 pub mod error;
 pub mod grpc_api;
 pub mod jobs;
-mod meta_api;
+pub(crate) mod meta_api;
 pub mod state_api;
 
 use std::collections::{BTreeMap, HashMap};

@@ -14,42 +14,87 @@ use crate::body;
 use crate::error::{ApiError, ApiPath};
 use crate::Shared;
 
-/// `GET /v1.0/metadata`.
-pub async fn metadata(State(shared): State<Arc<Shared>>) -> axum::Json<Value> {
-    let components: Vec<Value> = shared
+/// What the metadata API reports, for both the HTTP and the gRPC API.
+pub(crate) struct Snapshot {
+    /// (name, type, version, capabilities) per loaded component, in load order.
+    pub components: Vec<(String, String, String, Vec<&'static str>)>,
+    pub extended: std::collections::BTreeMap<String, String>,
+    /// Active actors per hosted type.
+    pub actors: std::collections::BTreeMap<String, usize>,
+    pub placement_connected: bool,
+    pub host_ready: bool,
+}
+
+impl Snapshot {
+    /// Dapr's `actorRuntime.placement` text.
+    pub fn placement(&self) -> &'static str {
+        if self.placement_connected {
+            "placement: connected"
+        } else {
+            "placement: disconnected"
+        }
+    }
+}
+
+pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
+    let components = shared
         .component_order
         .iter()
         .filter_map(|name| shared.stores.get(name))
         .map(|e| {
-            let mut caps: Vec<&str> = components::state::FEATURES.to_vec();
+            let mut caps: Vec<&'static str> = components::state::FEATURES.to_vec();
             if e.spec.is_actor_state_store() {
                 caps.push("ACTOR");
             }
-            json!({ "name": e.spec.name, "type": e.spec.kind, "version": e.spec.version, "capabilities": caps })
+            (
+                e.spec.name.clone(),
+                e.spec.kind.clone(),
+                e.spec.version.clone(),
+                caps,
+            )
         })
         .collect();
-    let cfg = &shared.config;
     let mut extended = shared.extended.read().expect("lock").clone();
     extended.insert(
         "daprRuntimeVersion".into(),
         env!("CARGO_PKG_VERSION").into(),
     );
+    let placement_connected = shared.actors.placement_connected();
+    Snapshot {
+        components,
+        extended,
+        actors: shared.actors.active_counts(),
+        placement_connected,
+        host_ready: placement_connected && shared.actors.hosting(),
+    }
+}
+
+/// `GET /v1.0/metadata`.
+pub async fn metadata(State(shared): State<Arc<Shared>>) -> axum::Json<Value> {
+    let snap = snapshot(&shared);
+    let components: Vec<Value> = snap
+        .components
+        .iter()
+        .map(|(name, kind, version, caps)| {
+            json!({ "name": name, "type": kind, "version": version, "capabilities": caps })
+        })
+        .collect();
+    let cfg = &shared.config;
     let mut app = json!({ "protocol": "http", "channelAddress": cfg.app_channel_address, "maxConcurrency": 0 });
     if let Some(p) = cfg.app_port {
         app["port"] = json!(p);
     }
-    let counts = shared.actors.active_counts();
-    let actors: Vec<Value> = counts
+    let actors: Vec<Value> = snap
+        .actors
         .iter()
         .map(|(t, n)| json!({ "type": t, "count": n }))
         .collect();
-    let connected = shared.actors.placement_connected();
-    let hosting = shared.actors.hosting();
+    let connected = snap.placement_connected;
     let actor_runtime = json!({
         "runtimeStatus": if connected { "RUNNING" } else { "INITIALIZING" },
         "activeActors": actors,
-        "hostReady": connected && hosting,
-        "placement": if connected { "placement: connected" } else { "placement: disconnected" },
+        "hostReady": snap.host_ready,
+        "placement": snap.placement(),
     });
     axum::Json(json!({
         "id": cfg.app_id,
@@ -59,7 +104,7 @@ pub async fn metadata(State(shared): State<Arc<Shared>>) -> axum::Json<Value> {
         "components": components,
         "httpEndpoints": [],
         "subscriptions": [],
-        "extended": extended,
+        "extended": snap.extended,
         "appConnectionProperties": app,
         "actorRuntime": actor_runtime,
     }))

@@ -228,7 +228,7 @@ struct HostArgs {
     /// Port of the Dapr HTTP API.
     #[arg(long, env = "DAPR_HTTP_PORT", default_value_t = 3500)]
     dapr_http_port: u16,
-    /// Port of the Dapr gRPC API (state, actors, shutdown; other methods answer UNIMPLEMENTED),
+    /// Port of the Dapr gRPC API (state, actors, metadata, shutdown; others answer UNIMPLEMENTED),
     /// passed to the app as DAPR_GRPC_PORT.
     #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
     dapr_grpc_port: u16,

@@ -234,6 +234,20 @@ async fn state_through_the_rust_sdk() {
         .unwrap_err();
     assert!(format!("{err:?}").contains("InvalidArgument"), "{err:?}");
 
+    // Metadata, as the HTTP API reports it.
+    sdk.set_metadata("owner", "grpc-test").await.unwrap();
+    let meta = sdk.get_metadata().await.unwrap();
+    assert_eq!(meta.id, "grpcapp");
+    assert_eq!(meta.extended_metadata["owner"], "grpc-test");
+    assert!(!meta.runtime_version.is_empty());
+    let store = meta
+        .registered_components
+        .iter()
+        .find(|c| c.name == "statestore")
+        .expect("the default store is listed");
+    assert_eq!(store.r#type, "state.sled");
+    assert!(store.capabilities.iter().any(|c| c == "ETAG"), "{store:?}");
+
     // What the sidecar does not serve over gRPC says so.
     let err = sdk
         .publish_event("pubsub", "topic", "application/json", b"{}".to_vec(), None)
@@ -478,6 +492,17 @@ async fn actors_through_the_rust_sdk() {
             .into_inner()
             .data,
         b"1"
+    );
+
+    // The metadata counts the active actor.
+    let runtime = sdk.get_metadata().await.unwrap().actor_runtime.unwrap();
+    assert!(runtime.host_ready, "{runtime:?}");
+    assert!(
+        runtime
+            .active_actors
+            .iter()
+            .any(|a| a.r#type == "Echo" && a.count >= 1),
+        "{runtime:?}"
     );
 
     // A timer fires with its callback and its data (bytes, handed on as a base64 string, as
