@@ -604,3 +604,256 @@ fn prost_types_any(v: &[u8]) -> prost_types::Any {
         value: v.to_vec(),
     }
 }
+
+/// Passes request and answer bytes through untouched, to send what no client would.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// Random and mutated messages on every method the sidecar serves (but `Shutdown`): each gets an
+/// answer, and the sidecar stays up and keeps its data.
+#[tokio::test]
+async fn garbage_on_every_method_never_takes_the_sidecar_down() {
+    use prost::Message;
+    use rand::{Rng, SeedableRng};
+    let (app_port, _seen) = echo_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = app_port.to_string();
+    let s = Sidecar::start("grpcfuzz", &dir.path().join("data"), &["--app-port", &port]).await;
+    let (mut sdk, _) = clients(&s).await;
+    sdk.save_state("statestore", "sentinel", b"kept".to_vec(), None, None, None)
+        .await
+        .unwrap();
+
+    // A valid request per method, to mutate (so that many mutants still decode).
+    let valid: Vec<(&'static str, Vec<u8>)> = vec![
+        ("GetState", get("statestore", "k").encode_to_vec()),
+        (
+            "GetBulkState",
+            v1::GetBulkStateRequest {
+                store_name: "statestore".into(),
+                keys: vec!["a".into(), "b".into()],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "SaveState",
+            v1::SaveStateRequest {
+                store_name: "statestore".into(),
+                states: vec![item("f", b"v")],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "DeleteState",
+            v1::DeleteStateRequest {
+                store_name: "statestore".into(),
+                key: "f".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "DeleteBulkState",
+            v1::DeleteBulkStateRequest {
+                store_name: "statestore".into(),
+                states: vec![item("f", b"")],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "ExecuteStateTransaction",
+            v1::ExecuteStateTransactionRequest {
+                store_name: "statestore".into(),
+                operations: vec![v1::TransactionalStateOperation {
+                    operation_type: "upsert".into(),
+                    request: Some(item("f", b"v")),
+                }],
+                metadata: HashMap::new(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "InvokeActor",
+            v1::InvokeActorRequest {
+                actor_type: "Echo".into(),
+                actor_id: "f".into(),
+                method: "m".into(),
+                data: b"{}".to_vec(),
+                metadata: HashMap::new(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "GetActorState",
+            v1::GetActorStateRequest {
+                actor_type: "Echo".into(),
+                actor_id: "f".into(),
+                key: "k".into(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "ExecuteActorStateTransaction",
+            v1::ExecuteActorStateTransactionRequest {
+                actor_type: "Echo".into(),
+                actor_id: "f".into(),
+                operations: vec![v1::TransactionalActorStateOperation {
+                    operation_type: "upsert".into(),
+                    key: "k".into(),
+                    value: Some(prost_types_any(b"1")),
+                    metadata: HashMap::new(),
+                }],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "RegisterActorTimer",
+            v1::RegisterActorTimerRequest {
+                actor_type: "Echo".into(),
+                actor_id: "f".into(),
+                name: "t".into(),
+                due_time: "1h".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "UnregisterActorTimer",
+            v1::UnregisterActorTimerRequest {
+                actor_type: "Echo".into(),
+                actor_id: "f".into(),
+                name: "t".into(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "RegisterActorReminder",
+            v1::RegisterActorReminderRequest {
+                actor_type: "Echo".into(),
+                actor_id: "f".into(),
+                name: "r".into(),
+                due_time: "1h".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "UnregisterActorReminder",
+            v1::UnregisterActorReminderRequest {
+                actor_type: "Echo".into(),
+                actor_id: "f".into(),
+                name: "r".into(),
+            }
+            .encode_to_vec(),
+        ),
+        ("GetMetadata", Vec::new()),
+        (
+            "SetMetadata",
+            v1::SetMetadataRequest {
+                key: "k".into(),
+                value: "v".into(),
+            }
+            .encode_to_vec(),
+        ),
+    ];
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", s.grpc_port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7e55e7a);
+    let (mut answered, mut refused) = (0, 0);
+    for round in 0..600 {
+        let (method, seed) = &valid[round % valid.len()];
+        let payload: Vec<u8> = match round % 3 {
+            // Random bytes.
+            0 => (0..rng.random_range(0..64)).map(|_| rng.random()).collect(),
+            // The valid message with a few bytes changed.
+            1 => {
+                let mut m = seed.clone();
+                for _ in 0..rng.random_range(1..4) {
+                    if !m.is_empty() {
+                        let i = rng.random_range(0..m.len());
+                        m[i] = rng.random();
+                    }
+                }
+                m
+            }
+            // The valid message cut short.
+            _ => seed[..rng.random_range(0..=seed.len())].to_vec(),
+        };
+        grpc.ready().await.expect("the sidecar still accepts calls");
+        let path = format!("/dapr.proto.runtime.v1.Dapr/{method}")
+            .parse()
+            .unwrap();
+        let call = grpc.unary(tonic::Request::new(payload.clone()), path, RawCodec);
+        match tokio::time::timeout(std::time::Duration::from_secs(10), call).await {
+            Ok(Ok(_)) => answered += 1,
+            Ok(Err(status)) => {
+                assert_ne!(
+                    status.code(),
+                    Code::Unknown,
+                    "{method} {payload:?}: {status:?}"
+                );
+                refused += 1;
+            }
+            Err(_) => panic!(
+                "{method} did not answer {payload:?} within 10 s:\n{}",
+                s.logs()
+            ),
+        }
+    }
+    assert!(
+        answered > 0 && refused > 0,
+        "answered {answered}, refused {refused}"
+    );
+    let mut s = s;
+    assert!(
+        s.child.try_wait().unwrap().is_none(),
+        "the sidecar died:\n{}",
+        s.logs()
+    );
+    let kept = sdk.get_state("statestore", "sentinel", None).await.unwrap();
+    assert_eq!(kept.data, b"kept");
+}
