@@ -218,6 +218,7 @@ fn free_port() -> u16 {
 struct Sidecar {
     child: Child,
     port: u16,
+    grpc_port: u16,
     ready_after: Duration,
 }
 
@@ -235,6 +236,7 @@ async fn start_sidecar(
     resources: Option<&Path>,
 ) -> anyhow::Result<Sidecar> {
     let port = free_port();
+    let grpc_port = free_port();
     let mut cmd = Command::new(tessera_bin()?);
     cmd.args([
         "host",
@@ -245,7 +247,7 @@ async fn start_sidecar(
         "--dapr-http-port",
         &port.to_string(),
         "--dapr-grpc-port",
-        &free_port().to_string(),
+        &grpc_port.to_string(),
         "--data-dir",
     ])
     .arg(data)
@@ -278,6 +280,7 @@ async fn start_sidecar(
     Ok(Sidecar {
         child,
         port,
+        grpc_port,
         ready_after: t.elapsed(),
     })
 }
@@ -344,6 +347,88 @@ async fn bench_sidecar(
                 .body(Full::new(Bytes::new()))
                 .unwrap();
             http_ok(&c, req, 200).await
+        }
+    })
+    .await;
+    report(rows, label, "get", conc, &get);
+}
+
+/// The same saves and gets through Dapr's gRPC API, on one HTTP/2 connection (tonic's
+/// `Channel`, as SDK clients hold it). With `own_thread` the load runs on a current-thread
+/// runtime of its own: HTTP/2 clients hand every request between tasks (the caller's and the
+/// connection's), and on the shared multi-thread runtime those hand-offs cross threads.
+async fn bench_sidecar_grpc(
+    label: &str,
+    port: u16,
+    own_thread: bool,
+    conc: usize,
+    secs: u64,
+    keys: usize,
+    rows: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let origin = format!("http://127.0.0.1:{port}");
+    let label = label.to_string();
+    let load = async move {
+        let client = proto::dapr::dapr_client::DaprClient::connect(origin).await?;
+        let mut out = Vec::new();
+        grpc_load(client, &label, conc, secs, keys, &mut out).await;
+        anyhow::Ok(out)
+    };
+    let out = if own_thread {
+        tokio::task::spawn_blocking(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(load)
+        })
+        .await??
+    } else {
+        load.await?
+    };
+    rows.extend(out);
+    Ok(())
+}
+
+async fn grpc_load(
+    client: proto::dapr::dapr_client::DaprClient<tonic::transport::Channel>,
+    label: &str,
+    conc: usize,
+    secs: u64,
+    keys: usize,
+    rows: &mut Vec<String>,
+) {
+    use proto::dapr::{GetStateRequest, SaveStateRequest, StateItem};
+    let c = client.clone();
+    let save = drive(conc, secs, move |w, i| {
+        let mut c = c.clone();
+        async move {
+            let key = (w as u64 * 7919 + i) % keys as u64;
+            let req = SaveStateRequest {
+                store_name: "statestore".into(),
+                states: vec![StateItem {
+                    key: format!("k{key}"),
+                    value: VALUE.as_bytes().to_vec(),
+                    ..Default::default()
+                }],
+            };
+            c.save_state(req).await.is_ok()
+        }
+    })
+    .await;
+    report(rows, label, "save", conc, &save);
+    let c = client.clone();
+    let get = drive(conc, secs, move |w, i| {
+        let mut c = c.clone();
+        async move {
+            let key = (w as u64 * 7919 + i) % keys.min(1000) as u64;
+            let req = GetStateRequest {
+                store_name: "statestore".into(),
+                key: format!("k{key}"),
+                ..Default::default()
+            };
+            c.get_state(req)
+                .await
+                .is_ok_and(|r| !r.into_inner().data.is_empty())
         }
     })
     .await;
@@ -440,6 +525,26 @@ async fn state(
             &mut rows,
         )
         .await;
+        bench_sidecar_grpc(
+            "sidecar gRPC, state.redis",
+            rds.grpc_port,
+            false,
+            c,
+            seconds,
+            keys,
+            &mut rows,
+        )
+        .await?;
+        bench_sidecar_grpc(
+            "sidecar gRPC (client on its own thread), state.redis",
+            rds.grpc_port,
+            true,
+            c,
+            seconds,
+            keys,
+            &mut rows,
+        )
+        .await?;
         bench_sidecar(
             "sidecar, state.sled (fsync)",
             sled.port,
