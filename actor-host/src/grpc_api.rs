@@ -1,17 +1,16 @@
 //! Dapr's gRPC API on `--dapr-grpc-port` (service `dapr.proto.runtime.v1.Dapr`), as far as the
 //! sidecar serves it: the state building block, actors (invocation, state, timers, reminders),
-//! metadata and shutdown. It is what the official SDKs' gRPC
-//! clients speak (the Rust `dapr` crate's `Client`, the Python `DaprClient`); any other method
-//! of Dapr's service answers `UNIMPLEMENTED`.
+//! metadata and shutdown. It is what the official SDKs' gRPC clients speak (the Rust `dapr`
+//! crate's `Client`, the Python `DaprClient`); any other method of Dapr's service answers
+//! `UNIMPLEMENTED`.
 //!
 //! Each method validates, stores and answers through the same functions as the HTTP API
-//! (`state_api`, `actors::api`, `jobs`), so the two agree on keys, ETags, TTLs, fencing, reminder
-//! validation and errors. A reminder request is turned into the HTTP API's JSON body and parsed
-//! by the same parser; timer and reminder data reach the app as Dapr hands gRPC data on, a
-//! base64 JSON string.
-//! Errors carry the HTTP API's message, with the gRPC code for its HTTP status (400 is
-//! `INVALID_ARGUMENT`, an ETag mismatch `ABORTED`, ...). Values travel as bytes and are stored
-//! as they come, as Dapr stores them.
+//! (`state_api`, `actors::api`, `jobs`, `meta_api`), so the two agree on keys, ETags, TTLs,
+//! fencing, reminder validation and errors. A reminder request is turned into the HTTP API's JSON
+//! body and parsed by the same parser; timer and reminder data reach the app as Dapr hands gRPC
+//! data on, a base64 JSON string. Errors carry the HTTP API's message, with the gRPC code for its
+//! HTTP status (400 is `INVALID_ARGUMENT`, an ETag mismatch `ABORTED`, ...). Values travel as
+//! bytes and are stored as they come, as Dapr stores them.
 
 use std::collections::HashMap;
 use std::future::Future;
