@@ -42,7 +42,9 @@ use crate::error::ApiError;
 use crate::state_api::{self, StoreEntry};
 use crate::{jobs, Host, Shared};
 
-/// Serves the gRPC API on `listener` until `shutdown` resolves or the host stops.
+/// Serves the gRPC API on `listener` until `shutdown` resolves or the host is told to stop; then
+/// it keeps answering until the host has handed its actors off (their apps may still save state
+/// through it, as the Rust SDK's actor context does), as the HTTP API does.
 pub async fn run(
     listener: tokio::net::TcpListener,
     host: Host,
@@ -68,6 +70,7 @@ pub async fn run(
                 () = shutdown => {}
                 () = stop.cancelled() => {}
             }
+            host.stop().await;
         })
         .await
 }

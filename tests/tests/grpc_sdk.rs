@@ -324,6 +324,9 @@ async fn echo_app() -> (u16, Callbacks) {
             "/actors/Echo/{id}/method/{m}",
             put(
                 |Path((id, m)): Path<(String, String)>, body: String| async move {
+                    if m == "late" {
+                        return (axum::http::StatusCode::OK, late_save(&id, &body).await);
+                    }
                     if m == "fail" {
                         return (
                             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -353,6 +356,33 @@ async fn echo_app() -> (u16, Callbacks) {
         .unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     (port, seen)
+}
+
+/// Method `late` of the echo app: 300 ms into its turn, saves actor state through the gRPC port
+/// given as the body (as the Rust SDK's actor context does); answers how that went.
+async fn late_save(id: &str, grpc_port: &str) -> String {
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let saved = async {
+        let mut c = v1::dapr_client::DaprClient::connect(format!("http://127.0.0.1:{grpc_port}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        c.execute_actor_state_transaction(v1::ExecuteActorStateTransactionRequest {
+            actor_type: "Echo".into(),
+            actor_id: id.into(),
+            operations: vec![v1::TransactionalActorStateOperation {
+                operation_type: "upsert".into(),
+                key: "late".into(),
+                value: Some(prost_types_any(b"1")),
+                metadata: HashMap::new(),
+            }],
+        })
+        .await
+        .map_err(|e| e.to_string())
+    };
+    match saved.await {
+        Ok(_) => "\"saved\"".to_string(),
+        Err(e) => serde_json::Value::String(format!("failed: {e}")).to_string(),
+    }
 }
 
 type Seen = [(String, String, String, serde_json::Value)];
@@ -856,4 +886,57 @@ async fn garbage_on_every_method_never_takes_the_sidecar_down() {
     );
     let kept = sdk.get_state("statestore", "sentinel", None).await.unwrap();
     assert_eq!(kept.data, b"kept");
+}
+
+/// A graceful stop waits for the turn in flight, and the gRPC API keeps answering until the
+/// actors are handed off: the turn can still save its state through it.
+#[tokio::test]
+async fn grpc_api_answers_until_the_actors_are_handed_off() {
+    let (app_port, _seen) = echo_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = app_port.to_string();
+    let s = Sidecar::start(
+        "grpcdrain",
+        &dir.path().join("data"),
+        &["--app-port", &port],
+    )
+    .await;
+    let (mut sdk, _) = clients(&s).await;
+    let mut ready = false;
+    for _ in 0..100 {
+        if sdk
+            .invoke_actor::<_, _, _, String>("Echo", "h0", "ping", "", None)
+            .await
+            .is_ok()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the actor type never became callable:\n{}", s.logs());
+    let call = {
+        let (client, url, body) = (
+            s.client.clone(),
+            s.url("/v1.0/actors/Echo/h1/method/late"),
+            s.grpc_port.to_string(),
+        );
+        tokio::spawn(async move { client.post(url).body(body).send().await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let r = s.client.post(s.url("/v1.0/shutdown")).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let answer = call.await.unwrap().expect("the turn in flight is answered");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.text().await.unwrap(), "\"saved\"", "{}", s.logs());
+    let mut s = s;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while s.child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running:\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -31,8 +31,11 @@ impl std::fmt::Display for ActorKey {
 }
 
 const ACTIVE: u8 = 0;
-/// No new turns; the one in flight may finish.
+/// No new turns; the one in flight may finish, and its state writes still count.
 const CLOSED: u8 = 1;
+/// Let go (the drain timeout passed, or the fence found a newer activation): the turn that may
+/// still be running has its state writes refused.
+const RELEASED: u8 = 2;
 
 /// The request chain holding the turn, for reentrancy.
 struct Chain {
@@ -148,11 +151,27 @@ impl Activation {
 
     /// Stops admitting turns. Returns whether this call closed it.
     pub fn close(&self) -> bool {
-        let first = self.status.swap(CLOSED, Ordering::AcqRel) == ACTIVE;
+        let first = self
+            .status
+            .compare_exchange(ACTIVE, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
         if first {
             self.abort_timers();
         }
         first
+    }
+
+    /// Closes it if it was not, and refuses the state writes of a turn still in flight.
+    pub fn release(&self) {
+        if self.status.swap(RELEASED, Ordering::AcqRel) == ACTIVE {
+            self.abort_timers();
+        }
+    }
+
+    /// Whether its turns may still write state: active, or closed with the turn in flight
+    /// draining.
+    pub fn accepts_writes(&self) -> bool {
+        self.status.load(Ordering::Acquire) != RELEASED
     }
 
     pub fn last_used_ms(&self) -> u64 {
@@ -337,5 +356,24 @@ mod tests {
         drained.await.unwrap();
         assert_eq!(waiter.await.unwrap(), Err(TurnError::Closed));
         assert_eq!(a.enter("c3", None).await.err(), Some(TurnError::Closed));
+    }
+
+    #[test]
+    fn a_draining_turn_may_write_until_released() {
+        let a = Activation::new(ActorKey::new("T", "1"), 1, 0);
+        assert!(a.accepts_writes());
+        assert!(a.close());
+        assert!(!a.is_active());
+        assert!(
+            a.accepts_writes(),
+            "closed: the turn in flight still writes"
+        );
+        a.release();
+        assert!(!a.accepts_writes());
+        assert!(!a.close(), "closing does not undo a release");
+        assert!(!a.accepts_writes());
+        let b = Activation::new(ActorKey::new("T", "2"), 1, 0);
+        b.release();
+        assert!(!b.is_active() && !b.accepts_writes());
     }
 }

@@ -393,9 +393,10 @@ impl ActorRuntime {
         }
     }
 
-    /// Closes the activations (no new turns, state writes refused) and retires each once its
-    /// turn in flight has ended ([`ActorRuntime::retire`]). With `drain`, waits for that up to
-    /// the type's drain timeout; past it, or without `drain`, the retirement finishes in the
+    /// Closes the activations (no new turns) and retires each once its turn in flight has
+    /// ended ([`ActorRuntime::retire`]). With `drain`, waits for that up to the type's drain
+    /// timeout, and the turn's state writes still count meanwhile; past it, or without `drain`,
+    /// the activation is released (its writes refused) and the retirement finishes in the
     /// background.
     async fn deactivate_all(self: &Arc<Self>, mut acts: Vec<Arc<Activation>>, drain: bool) {
         // In key order, not the map's random order, so that a simulation seed replays exactly.
@@ -410,7 +411,10 @@ impl ActorRuntime {
             async move {
                 // Always wait for the turn in flight (Dapr skips this with
                 // drainRebalancedActors: false; single activation does not allow it).
-                if drain && tokio::time::timeout(t.drain_timeout, retired).await.is_err() {
+                if !drain {
+                    a.release();
+                } else if tokio::time::timeout(t.drain_timeout, retired).await.is_err() {
+                    a.release();
                     tracing::warn!(actor = %a.key, "turn still running after drainOngoingCallTimeout: releasing the actor anyway (its state writes are refused from now on)");
                 }
             }
@@ -907,7 +911,15 @@ impl ActorRuntime {
                 msg,
             )
         };
-        let Some(act) = self.local(key) else {
+        // A closed activation still draining its turn in flight may write; a released one may not.
+        let act = self
+            .actors
+            .lock()
+            .expect("lock")
+            .get(key)
+            .filter(|a| a.accepts_writes())
+            .cloned();
+        let Some(act) = act else {
             return Err(stale(format!(
                 "actor {key} is not active on this host (it moved, went idle, or this host lost its placement lease): write refused"
             )));
@@ -920,7 +932,7 @@ impl ActorRuntime {
         match fenced_transact(&*store.store, &self.fence_key(key), act.epoch, ops).await {
             Ok(()) => Ok(()),
             Err(FenceError::Stale { ours, stored }) => {
-                act.close();
+                act.release();
                 Err(stale(format!(
                     "actor {key} has a newer activation (epoch {stored} > {ours}): write refused"
                 )))
