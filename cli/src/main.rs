@@ -434,11 +434,11 @@ async fn serve_grpc(host: &Host, args: &HostArgs) {
         let addr = SocketAddr::new(*ip, args.dapr_grpc_port);
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
-                let stop = host.shutdown_token();
                 let host = host.clone();
                 tokio::spawn(async move {
-                    let stopped = async move { stop.cancelled().await };
-                    if let Err(e) = actor_host::grpc_api::run(l, host, stopped).await {
+                    // `run` already stops with the host (after its actors are handed off).
+                    let never = std::future::pending();
+                    if let Err(e) = actor_host::grpc_api::run(l, host, never).await {
                         tracing::error!(%addr, error = %e, "gRPC API stopped");
                     }
                 });

@@ -400,32 +400,43 @@ async fn until(seen: &Callbacks, what: &str, cond: impl Fn(&Seen) -> bool) {
     }
 }
 
-#[tokio::test]
-async fn actors_through_the_rust_sdk() {
+/// The echo app and a sidecar for it, once an `Echo` actor answers through the sidecar (it
+/// learns the app's actor types when the app answers `/dapr/config`).
+async fn echo_host(app_id: &str) -> (tempfile::TempDir, Sidecar, Callbacks) {
     let (app_port, seen) = echo_app().await;
     let dir = tempfile::tempdir().unwrap();
     let port = app_port.to_string();
-    let s = Sidecar::start(
-        "grpcactors",
-        &dir.path().join("data"),
-        &["--app-port", &port],
-    )
-    .await;
+    let s = Sidecar::start(app_id, &dir.path().join("data"), &["--app-port", &port]).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = s
+            .client
+            .post(s.url("/v1.0/actors/Echo/ready/method/ping"))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            return (dir, s, seen);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Echo actor never became callable:\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn actors_through_the_rust_sdk() {
+    let (_dir, s, seen) = echo_host("grpcactors").await;
     let (mut sdk, mut raw) = clients(&s).await;
 
     // The SDK sends JSON and reads JSON back.
-    let mut answer: Option<String> = None;
-    for _ in 0..100 {
-        // The sidecar learns the app's actor types once the app answers /dapr/config.
-        match sdk.invoke_actor("Echo", "e1", "hello", "there", None).await {
-            Ok(a) => {
-                answer = Some(a);
-                break;
-            }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-        }
-    }
-    assert_eq!(answer.as_deref(), Some("e1:hello:'there'"));
+    let answer: String = sdk
+        .invoke_actor("Echo", "e1", "hello", "there", None)
+        .await
+        .unwrap();
+    assert_eq!(answer, "e1:hello:'there'");
 
     // An app error is INTERNAL, quoting the app.
     let err = raw
@@ -684,10 +695,7 @@ impl tonic::codec::Decoder for RawCodec {
 async fn garbage_on_every_method_never_takes_the_sidecar_down() {
     use prost::Message;
     use rand::{Rng, SeedableRng};
-    let (app_port, _seen) = echo_app().await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = app_port.to_string();
-    let s = Sidecar::start("grpcfuzz", &dir.path().join("data"), &["--app-port", &port]).await;
+    let (_dir, s, _seen) = echo_host("grpcfuzz").await;
     let (mut sdk, _) = clients(&s).await;
     sdk.save_state("statestore", "sentinel", b"kept".to_vec(), None, None, None)
         .await
@@ -892,29 +900,7 @@ async fn garbage_on_every_method_never_takes_the_sidecar_down() {
 /// actors are handed off: the turn can still save its state through it.
 #[tokio::test]
 async fn grpc_api_answers_until_the_actors_are_handed_off() {
-    let (app_port, _seen) = echo_app().await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = app_port.to_string();
-    let s = Sidecar::start(
-        "grpcdrain",
-        &dir.path().join("data"),
-        &["--app-port", &port],
-    )
-    .await;
-    let (mut sdk, _) = clients(&s).await;
-    let mut ready = false;
-    for _ in 0..100 {
-        if sdk
-            .invoke_actor::<_, _, _, String>("Echo", "h0", "ping", "", None)
-            .await
-            .is_ok()
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(ready, "the actor type never became callable:\n{}", s.logs());
+    let (_dir, s, _seen) = echo_host("grpcdrain").await;
     let call = {
         let (client, url, body) = (
             s.client.clone(),
